@@ -1,0 +1,11 @@
+// Package vhosttest is a fake vhost-user front-end for tests and benchmarks:
+// guest RAM in a memfd (GuestMemory), the driver side of split virtqueues
+// (Ring) including raw setters to build hostile rings, and a front-end that
+// speaks the vhost-user protocol to a back-end over a real Unix socket.
+//
+// It plays the guest and QEMU, so it is trusted test code: it panics on its
+// own misuse rather than returning errors for impossible states, but it
+// reports everything the back-end does wrong (unknown used heads, overstated
+// used lengths) as errors. Ring is safe for concurrent use; GuestMemory's
+// allocator is a mutex-guarded bump allocator.
+package vhosttest
