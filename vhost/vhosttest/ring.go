@@ -167,6 +167,7 @@ type Ring struct {
 	availWord *uint32
 	availHigh bool
 	usedWord  *uint32
+	fence     atomic.Uint64
 }
 
 // NewRing lays out a ring of n entries in mem.
@@ -446,8 +447,11 @@ func (r *Ring) Used() (UsedElem, bool, error) {
 	n := binary.LittleEndian.Uint32(e[4:])
 	r.lastUsed++
 	if r.opts.EventIdx {
-		// Ask for an interrupt at the very next used entry.
+		// Ask for an interrupt at the very next used entry, then a full
+		// barrier before the next read of used.idx (virtio 1.2 §2.7.10:
+		// otherwise a publication racing this store is never signalled).
 		binary.LittleEndian.PutUint16(r.availB[4+2*int(r.n):], r.lastUsed)
+		r.fence.Add(1)
 	}
 	inf, ok := r.inflight[uint16(id)]
 	if id >= uint32(r.n) || !ok {

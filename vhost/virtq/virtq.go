@@ -33,6 +33,7 @@ import (
 	"unsafe"
 
 	"github.com/vsdp/vsdp/vhost/guestmem"
+	"golang.org/x/sys/unix"
 )
 
 // MaxSize is the largest split-ring size (virtio 1.2 §2.7: Queue Size ≤ 32768).
@@ -152,6 +153,7 @@ type Queue struct {
 	lastAvail  uint16
 	usedIdx    uint16 // next used index to publish
 	pending    uint16 // used entries written but not yet published
+	notifyDue  bool   // a publication inside Push asked for an interrupt
 	usedFlags  uint16
 	broken     error
 	stopped    bool
@@ -418,7 +420,10 @@ func (q *Queue) Push(c *Chain, written int) error {
 		binary.LittleEndian.PutUint32(e[4:], uint32(written))
 		q.pending++
 		if q.pending == q.cfg.Size {
-			q.publish()
+			// The used ring is full of unpublished entries: publish now,
+			// and remember whether the driver wanted an interrupt so the
+			// next Flush delivers it.
+			q.notifyDue = q.publish() || q.notifyDue
 		}
 	}
 	q.recycle(c)
@@ -444,7 +449,8 @@ func (q *Queue) Flush() error {
 		q.mu.Unlock()
 		return err
 	}
-	notify := q.publish()
+	notify := q.publish() || q.notifyDue
+	q.notifyDue = false
 	call := q.call.Load()
 	if notify && call != nil {
 		q.stats.Interrupts++
@@ -475,10 +481,21 @@ func (q *Queue) publish() bool {
 	return *q.availFlags&AvailNoInterrupt == 0
 }
 
+// signal writes 1 to an eventfd with one non-blocking attempt. A front-end
+// may have saturated the counter: the write then fails with EAGAIN, and
+// the driver is being woken anyway. It never waits (os.File.Write would
+// park on the netpoller until the counter drained).
 func signal(f *os.File) {
 	var one [8]byte
 	binary.LittleEndian.PutUint64(one[:], 1)
-	_, _ = f.Write(one[:]) // EAGAIN only at counter overflow: the driver is being woken anyway
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
+	_ = rc.Write(func(fd uintptr) bool {
+		_, _ = unix.Write(int(fd), one[:])
+		return true
+	})
 }
 
 // DisableNotify asks the driver not to kick (used.flags NO_NOTIFY; with
