@@ -1,0 +1,348 @@
+// Package daemon wires vsdpd together: the verbs device, the SDP stacks,
+// the exports, and per VM a vhost-user server whose vsock devices feed
+// sdpback. It owns the adapters between the device packages and sdpback
+// (which know nothing of each other) and the daemon's configuration. It
+// logs through the logrus logger it is given (a library would not; this
+// is the daemon's own wiring).
+package daemon
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"github.com/vsdp/vsdp/sdpback"
+	"github.com/vsdp/vsdp/sdpback/sdp"
+	"github.com/vsdp/vsdp/verbs"
+	"github.com/vsdp/vsdp/verbs/soft"
+	"github.com/vsdp/vsdp/vhost"
+	"github.com/vsdp/vsdp/vhost/vsock"
+)
+
+// Config is vsdpd's configuration file (JSON).
+type Config struct {
+	// Provider is "auto" (rdma-core when a device exists, else soft) or
+	// "soft".
+	Provider string `json:"provider"`
+	Fabric   Fabric `json:"fabric"`
+	// Exports publish host TCP services on the host's fabric address.
+	Exports []ExportConfig `json:"exports"`
+	VMs     []VMConfig     `json:"vms"`
+}
+
+// Fabric configures the soft provider's fabric (ignored by rdma-core,
+// whose addressing is the IB fabric's own).
+type Fabric struct {
+	// Addr is the host's own fabric address (exports listen on it).
+	Addr string `json:"addr"`
+	// Listen is this daemon's soft transport endpoint ("tcp:HOST:PORT",
+	// "unix:PATH"); empty serves nothing (single-host use).
+	Listen string `json:"listen"`
+	// Peers maps other hosts' fabric addresses to their endpoints.
+	Peers map[string]string `json:"peers"`
+}
+
+// ExportConfig is one export.
+type ExportConfig struct {
+	Port   uint16 `json:"port"`
+	Target string `json:"target"`
+}
+
+// VMConfig is one VM.
+type VMConfig struct {
+	Name   string   `json:"name"`
+	Socket string   `json:"socket"` // vhost-user socket for vhost-user-vsock-pci
+	CID    uint64   `json:"cid"`
+	Addr   string   `json:"addr"` // the VM's fabric address
+	Policy []string `json:"policy"`
+}
+
+// LoadConfig reads a configuration file; unknown fields are errors.
+func LoadConfig(path string) (*Config, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	dec := json.NewDecoder(f)
+	dec.DisallowUnknownFields()
+	var c Config
+	if err := dec.Decode(&c); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return &c, nil
+}
+
+// Daemon is a running vsdpd.
+type Daemon struct {
+	log      *logrus.Logger
+	dev      verbs.Device
+	soft     *soft.Device
+	host     *sdp.Stack
+	exporter *sdpback.Exporter
+	vms      []*VM
+}
+
+// VM is one served VM.
+type VM struct {
+	Name   string
+	CID    uint64
+	Socket string
+	Back   *sdpback.VM
+	stack  *sdp.Stack
+	srv    *vhost.Server
+	log    *logrus.Entry
+
+	mu  sync.Mutex
+	dev *vsock.Device
+}
+
+// Device returns the VM's current vsock device (nil before QEMU connects).
+func (v *VM) Device() *vsock.Device {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.dev
+}
+
+// Server returns the VM's vhost-user server.
+func (v *VM) Server() *vhost.Server { return v.srv }
+
+// Start builds everything and starts serving. Sockets are created before
+// Start returns, so QEMU may be started right after.
+func Start(cfg *Config, log *logrus.Logger) (d *Daemon, err error) {
+	d = &Daemon{log: log}
+	defer func() {
+		if err != nil {
+			d.Close()
+		}
+	}()
+	hostAddr, err := netip.ParseAddr(cfg.Fabric.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("fabric.addr: %w", err)
+	}
+	switch cfg.Provider {
+	case "", "auto", "soft":
+	default:
+		return nil, fmt.Errorf("provider %q: this build supports auto and soft", cfg.Provider)
+	}
+	addrs := []netip.Addr{hostAddr}
+	vmAddrs := make([]netip.Addr, len(cfg.VMs))
+	for i, v := range cfg.VMs {
+		if vmAddrs[i], err = netip.ParseAddr(v.Addr); err != nil {
+			return nil, fmt.Errorf("vm %q addr: %w", v.Name, err)
+		}
+		addrs = append(addrs, vmAddrs[i])
+	}
+	table := soft.NewTable()
+	nw := soft.NewNetwork()
+	opts := soft.Options{Name: "soft0", Addrs: addrs, Table: table, Network: nw}
+	if cfg.Fabric.Listen != "" {
+		if opts.Listen, err = soft.ParseEndpoint(cfg.Fabric.Listen); err != nil {
+			return nil, err
+		}
+	}
+	if d.soft, err = soft.Open(opts); err != nil {
+		return nil, err
+	}
+	d.dev = d.soft
+	self := d.soft.Endpoint()
+	for _, a := range addrs {
+		if err := table.Set(a, self); err != nil {
+			return nil, err
+		}
+	}
+	for a, ep := range cfg.Fabric.Peers {
+		pa, err := netip.ParseAddr(a)
+		if err != nil {
+			return nil, fmt.Errorf("fabric.peers: %w", err)
+		}
+		e, err := soft.ParseEndpoint(ep)
+		if err != nil {
+			return nil, err
+		}
+		if err := table.Set(pa, e); err != nil {
+			return nil, err
+		}
+	}
+	if d.host, err = sdp.New(sdp.Config{Device: d.dev, Addr: hostAddr}); err != nil {
+		return nil, err
+	}
+	d.exporter = sdpback.NewExporter(d.host)
+	for _, x := range cfg.Exports {
+		if err := d.exporter.Add(sdpback.Export{Port: x.Port, Target: x.Target}); err != nil {
+			return nil, fmt.Errorf("export %d: %w", x.Port, err)
+		}
+		log.WithFields(logrus.Fields{"port": x.Port, "target": x.Target, "addr": hostAddr}).Info("export")
+	}
+	for i, vc := range cfg.VMs {
+		v, err := d.startVM(vc, vmAddrs[i])
+		if err != nil {
+			return nil, fmt.Errorf("vm %q: %w", vc.Name, err)
+		}
+		d.vms = append(d.vms, v)
+	}
+	return d, nil
+}
+
+func (d *Daemon) startVM(vc VMConfig, addr netip.Addr) (*VM, error) {
+	var pol sdpback.Policy
+	for _, s := range vc.Policy {
+		r, err := sdpback.ParseRule(s)
+		if err != nil {
+			return nil, err
+		}
+		pol = append(pol, r)
+	}
+	if vc.CID < 3 {
+		return nil, fmt.Errorf("cid %d is reserved", vc.CID)
+	}
+	st, err := sdp.New(sdp.Config{Device: d.dev, Addr: addr})
+	if err != nil {
+		return nil, err
+	}
+	v := &VM{Name: vc.Name, CID: vc.CID, Socket: vc.Socket, stack: st,
+		log: d.log.WithFields(logrus.Fields{"vm": vc.Name, "cid": vc.CID})}
+	v.Back = sdpback.NewVM(sdpback.VMConfig{Name: vc.Name, Addr: addr, Policy: pol}, st, nil)
+	limit := newLimiter(10, time.Second)
+	v.srv = &vhost.Server{
+		NewDevice: func() (vhost.Device, error) {
+			dev, err := vsock.New(vsock.Config{CID: vc.CID}, backend{v.Back})
+			if err != nil {
+				return nil, err
+			}
+			v.mu.Lock()
+			v.dev = dev
+			v.mu.Unlock()
+			v.Back.Reset() // a new front-end: whatever the old guest had is gone
+			v.Back.SetDevice(deviceAdapter{dev})
+			return dev, nil
+		},
+		Trace: func(e vhost.Event) {
+			switch e.Kind {
+			case vhost.EventConnect, vhost.EventDisconnect, vhost.EventRingStart, vhost.EventRingStop:
+				v.log.WithField("session", e.Session).Info(e.String())
+			case vhost.EventRingBroken:
+				if limit.allow() { // a guest can trigger this: rate-limited
+					v.log.WithField("session", e.Session).Warn(e.String())
+				}
+			case vhost.EventMessage:
+				if e.Err != nil && limit.allow() {
+					v.log.WithField("session", e.Session).Warn(e.String())
+				} else {
+					v.log.WithField("session", e.Session).Debug(e.String())
+				}
+			}
+		},
+	}
+	os.Remove(vc.Socket) // a stale socket from an earlier run; QEMU connects to a fresh one
+	ln, err := listenUnix(vc.Socket)
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	go func() {
+		if err := v.srv.Serve(ln); err != nil && !errors.Is(err, vhost.ErrClosed) {
+			v.log.WithError(err).Error("vhost-user server stopped")
+		}
+	}()
+	v.log.WithFields(logrus.Fields{"socket": vc.Socket, "addr": addr, "policy": strings.TrimSpace(pol.String())}).Info("serving vm")
+	return v, nil
+}
+
+// VMs returns the served VMs.
+func (d *Daemon) VMs() []*VM { return d.vms }
+
+// Exporter returns the exports server.
+func (d *Daemon) Exporter() *sdpback.Exporter { return d.exporter }
+
+// SoftDevice returns the soft verbs device (its Touch records count host
+// copies).
+func (d *Daemon) SoftDevice() *soft.Device { return d.soft }
+
+// Close stops everything, VMs first.
+func (d *Daemon) Close() {
+	for _, v := range d.vms {
+		v.srv.Close()
+		v.Back.Close()
+		v.stack.Close()
+		os.Remove(v.Socket)
+	}
+	if d.exporter != nil {
+		d.exporter.Close()
+	}
+	if d.host != nil {
+		d.host.Close()
+	}
+	if d.soft != nil {
+		d.soft.Close()
+	}
+}
+
+// backend adapts a vsock device's guest connections to sdpback.
+type backend struct{ vm *sdpback.VM }
+
+func (b backend) Connect(r *vsock.Request) { b.vm.GuestConnect(r.HostPort, r.GuestPort, answer{r}) }
+
+type answer struct{ r *vsock.Request }
+
+func (a answer) Accept(h sdpback.Handler) (sdpback.Stream, error) {
+	c, err := a.r.Accept(stream{h})
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+func (a answer) Refuse() { a.r.Refuse() }
+
+// stream adapts an sdpback handler to a vsock stream.
+type stream struct{ h sdpback.Handler }
+
+func (s stream) Deliver(p *vsock.Payload) {
+	s.h.Deliver(&sdpback.Payload{Segs: p.Segs, Len: p.Len, Release: p.Release})
+}
+func (s stream) Pull(dst [][]byte) (int, bool)     { return s.h.Pull(dst) }
+func (s stream) Shutdown(rcv, send, abortive bool) { s.h.Shutdown(rcv, send, abortive) }
+func (s stream) Reset(err error)                   { s.h.Reset(err) }
+
+type deviceAdapter struct{ d *vsock.Device }
+
+func (a deviceAdapter) Dial(guestPort uint32, h sdpback.Handler, announce func(sdpback.Stream), done func(error)) (sdpback.Stream, error) {
+	c, err := a.d.DialThen(guestPort, stream{h}, func(c *vsock.Conn) { announce(c) }, done)
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// limiter is a token bucket for guest-triggerable log lines.
+type limiter struct {
+	mu     sync.Mutex
+	tokens float64
+	max    float64
+	per    time.Duration
+	last   time.Time
+}
+
+func newLimiter(burst int, per time.Duration) *limiter {
+	return &limiter{tokens: float64(burst), max: float64(burst), per: per, last: time.Now()}
+}
+
+func (l *limiter) allow() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := time.Now()
+	l.tokens = min(l.max, l.tokens+float64(now.Sub(l.last))/float64(l.per))
+	l.last = now
+	if l.tokens < 1 {
+		return false
+	}
+	l.tokens--
+	return true
+}

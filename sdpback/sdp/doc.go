@@ -1,0 +1,54 @@
+// Package sdp is vsdp's Sockets Direct Protocol engine: TCP stream
+// semantics carried over reliable-connected queue pairs, driven only
+// through the provider-neutral verbs API (verbs/soft or verbs/ibv), with
+// the wire format from sdpback/wire. It announces protocol 2.2 and behaves
+// as the last shipped implementation (OFED ib_sdp) expects.
+//
+// # What it does
+//
+// Connection set-up puts the Hello in the CM REQ private data and the
+// HelloAck in the REP: the full 92-byte Hello on SDP service IDs
+// (0x10000|port, verbs/soft), the compact Hello on RDMA_PS_TCP
+// (0x01060000|port, verbs/ibv listening on a mainline kernel). Data moves
+// by BCopy: Write copies into registered send buffers; SendGather sends
+// straight from caller memory registered with the stack's PD (guest
+// memory, local access only), with no copy. Credits follow gen2's formula
+// and the CA4-82 reserve (see conn.go's primer); Nagle holds a partial
+// message while data is unacknowledged, with a back-stop timer, unless
+// SetNoDelay. Close follows the DisConn state machine with a timeout;
+// close with unread data, Abort, any failed completion or a peer's
+// disconnect out of turn reset the stream (ECONNRESET). Keepalive is a
+// zero-length RDMA WRITE. A peer's Read-ZCopy offer (SrcAvail) is answered
+// with SendSM so it falls back to BCopy, and its inline bytes are kept.
+//
+// # Errors
+//
+// At the net.Conn edge: *net.OpError wrapping ECONNREFUSED, ENETUNREACH,
+// ETIMEDOUT (dial), ECONNRESET (reset; also wraps ErrProtocol or
+// ErrAborted with the cause), EPIPE (write after CloseWrite), io.EOF,
+// net.ErrClosed and os.ErrDeadlineExceeded.
+//
+// # Threat model
+//
+// Remote peers are untrusted. Every received message is decoded and
+// validated by sdpback/wire against the completion's byte count; mseq must
+// advance by one and mseq_ack may not acknowledge unsent messages; data
+// after DisConn, a second DisConn, or a MID this engine never solicited
+// (SendSM, RdmaRdCompl, SinkAvail, ModeChange, …) resets that connection
+// with ErrProtocol. Inflated credits cannot overrun the peer's receives
+// unnoticed: RNR retry defaults to 0, so a send without a posted receive
+// fails and resets. Memory is bounded per connection: RecvBufs receive
+// buffers, SendBufs send buffers and a fixed number of control slots; the
+// listener's backlog bounds pending connections. Nothing a peer sends can
+// make the engine touch memory other than its own buffers and the memory
+// a caller registered and named in SendGather.
+//
+// # Concurrency
+//
+// Each connection has a mutex (Conn.mu) guarding all of its state, a
+// goroutine that waits for completions on the CQ through the netpoller,
+// and one that waits for CM events. Neither holds the mutex while blocked.
+// Readers and writers wait on a broadcast channel replaced on every state
+// change. Callbacks (SetCallbacks) and SendGather completions run without
+// the mutex held. Lock order: Stack.mu is never held while taking Conn.mu.
+package sdp

@@ -1,0 +1,57 @@
+package soft
+
+import (
+	"net/netip"
+	"path/filepath"
+	"testing"
+
+	"github.com/vsdp/vsdp/verbs/verbstest"
+)
+
+// fabric returns a verbstest.Fabric of two soft devices over one transport:
+// "inproc", "tcp" (127.0.0.x loopback) or "unix".
+func fabric(transport string, o Options) verbstest.Fabric {
+	return func(t testing.TB) (verbstest.Side, verbstest.Side) {
+		t.Helper()
+		pa, aa := netip.MustParseAddr("10.77.0.1"), netip.MustParseAddr("10.77.0.2")
+		tab := NewTable()
+		n := NewNetwork()
+		open := func(name string, addr netip.Addr, loop string) *Device {
+			opts := o
+			opts.Name, opts.Addrs, opts.Table = name, []netip.Addr{addr}, tab
+			switch transport {
+			case "inproc":
+				opts.Network = n
+			case "tcp":
+				opts.Listen = Endpoint{Net: "tcp", Addr: loop + ":0"}
+			case "unix":
+				opts.Listen = Endpoint{Net: "unix", Addr: filepath.Join(t.TempDir(), name+".sock")}
+			}
+			d, err := Open(opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				if err := d.Close(); err != nil {
+					t.Errorf("close %s: %v", name, err)
+				}
+			})
+			if err := tab.Set(addr, d.Endpoint()); err != nil {
+				t.Fatal(err)
+			}
+			return d
+		}
+		p := open("passive", pa, "127.0.0.2")
+		a := open("active", aa, "127.0.0.3")
+		return verbstest.Side{Device: p, Addr: pa}, verbstest.Side{Device: a, Addr: aa}
+	}
+}
+
+func TestConformance(t *testing.T) {
+	for _, tr := range []string{"inproc", "tcp", "unix"} {
+		t.Run(tr, func(t *testing.T) {
+			defer checkLeaks(t)()
+			verbstest.Run(t, fabric(tr, Options{}), verbstest.Config{})
+		})
+	}
+}
