@@ -55,3 +55,20 @@ func TestConformance(t *testing.T) {
 		})
 	}
 }
+
+// TestConformanceTwoHalves runs the suite the way two processes would:
+// RunPassive and RunActive side by side on one pair of devices, meeting only
+// through the connection manager (the active half retries until each
+// listener exists).
+func TestConformanceTwoHalves(t *testing.T) {
+	t.Cleanup(checkLeaks(t)) // runs after the devices' cleanups
+	passive, active := fabric("tcp", Options{})(t)
+	cfg := verbstest.Config{BasePort: 19000}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t.Run("passive", func(t *testing.T) { verbstest.RunPassive(t, passive, cfg) })
+	}()
+	t.Run("active", func(t *testing.T) { verbstest.RunActive(t, active, passive.Addr, cfg) })
+	<-done
+}

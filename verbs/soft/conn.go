@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vsdp/vsdp/verbs"
@@ -52,7 +53,6 @@ type conn struct {
 	qp              *qp
 	qpCreated       bool
 	priv            []byte // the peer's private data
-	peerQPN         uint32
 	peerDepth       int
 	ctrlPre         []outFrame // REQ, REP, RTU: sent before data
 	ctrlPost        []outFrame // DREQ, DREP, REJ: sent after data
@@ -68,6 +68,10 @@ type conn struct {
 	aborted         bool // passive request withdrawn before the consumer saw it
 
 	wg sync.WaitGroup
+
+	// ioAt is when the writer last got bytes onto the link (UnixNano): a
+	// large transfer that is still moving is progress for the ack timeout.
+	ioAt atomic.Int64
 
 	// Writer-goroutine scratch: the payload descriptions of one batch.
 	wsegs []segment
@@ -129,6 +133,9 @@ func (c *conn) finishHandshake(err error) {
 
 // startLink attaches l and starts the reader and writer; the caller holds mu.
 func (c *conn) startLink(l link) {
+	if sl, ok := l.(*streamLink); ok {
+		sl.progress = func() { c.ioAt.Store(c.dev.clock.Now().UnixNano()) }
+	}
 	c.l = l
 	c.down = make(chan struct{})
 	c.wg.Add(2)
@@ -515,6 +522,7 @@ func (c *conn) writeLoop() {
 				}
 			}
 			err := c.l.send(batch)
+			c.ioAt.Store(c.dev.clock.Now().UnixNano())
 			c.dev.stats.framesOut.Add(uint64(len(batch)))
 			clear(batch)
 			if err != nil {
@@ -649,7 +657,6 @@ func (c *conn) handle(h header, p payload) error {
 			return frameErr(h.typ, "unexpected")
 		}
 		c.priv = priv
-		c.peerQPN = h.psn
 		c.peerDepth = int(h.dmaLen)
 		if c.qp != nil {
 			c.qp.connected(c.peerDepth)

@@ -517,7 +517,6 @@ func (d *Device) dispatch(l link, h header, priv []byte) {
 	c := newConn(d, false)
 	c.local, c.remote, c.sid = dst, src, sid
 	c.priv = priv
-	c.peerQPN = h.psn
 	c.peerDepth = int(h.dmaLen)
 	c.state = csRequested
 	d.mu.Unlock()

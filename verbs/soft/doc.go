@@ -50,11 +50,15 @@
 // counted per region (RegionStats), so callers can count host copies
 // honestly.
 //
-// Deviations from IB, by design: RDMA READ responses and SEND_WITH_INV are
-// one frame each; there is no path MTU, P_Key or atomic support; type-2
-// windows are invalidated when their QP is destroyed; SQD holds new sends
-// but is otherwise RTS; a fence waits for every earlier request, not only
-// READs; the REP is not validated by the CM before ESTABLISHED.
+// Deviations from IB, by design: a message is one frame (no path MTU or
+// packet sequence per message); no P_Key, atomics or SRQ; ConnParam's
+// RetryCount, ResponderResources and InitiatorDepth are accepted and ignored
+// (the transport is reliable, READs are not limited in flight beyond the
+// queue depths); while bytes of a large transfer still move on the link the
+// ack timeout does not fire; type-2 windows are invalidated when their QP
+// is destroyed; SQD holds new sends but is otherwise RTS; a fence waits for
+// every earlier request, not only READs; lkeys are checked for inline data
+// too; the REP is not handed to the consumer before ESTABLISHED.
 //
 // # Threat model
 //

@@ -2,6 +2,7 @@ package soft
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"net/netip"
 	"path/filepath"
@@ -529,5 +530,27 @@ func TestListenerRules(t *testing.T) {
 	}
 	if _, err := d.Resolve(context.Background(), verbs.ResolveOptions{Addr: netip.MustParseAddr("10.1.1.9")}); !errors.Is(err, verbs.ErrUnreachable) {
 		t.Errorf("resolve without a route: %v", err)
+	}
+}
+
+// TestLargeTransferOutlastsAckTimeout: a transfer that takes longer than the
+// ack timeout is not failed while its bytes are still moving.
+func TestLargeTransferOutlastsAckTimeout(t *testing.T) {
+	const size = 64 << 20
+	a, p := connectPairSized(t, "tcp", Options{AckTimeout: 40 * time.Millisecond, MaxMsgSize: size}, verbs.ConnParam{}, verbs.ConnParam{}, 0, size)
+	src := pattern(3, size)
+	copy(a.dma.Bytes(), src)
+	start := time.Now()
+	if err := a.qp.PostSend([]verbs.SendWR{{ID: 1, Op: verbs.OpWrite, Flags: verbs.SendSignaled, SGL: []verbs.SGE{a.sge(0, size)}, RemoteAddr: p.mr.Addr(), RKey: p.mr.RKey()}}); err != nil {
+		t.Fatal(err)
+	}
+	if got := a.wait(t, 1); got[0].Status != verbs.StatusSuccess {
+		t.Fatalf("completion %+v after %v", got[0], time.Since(start))
+	}
+	if el := time.Since(start); el < 40*time.Millisecond {
+		t.Logf("transfer took only %v: the test did not outlast the timeout", el)
+	}
+	if sha256.Sum256(p.dma.Bytes()) != sha256.Sum256(src) {
+		t.Fatal("written data differs")
 	}
 }

@@ -467,6 +467,9 @@ func TestHostileHandshake(t *testing.T) {
 			nc.Close()
 		}
 		dropped(t, before)
+		if n := d.handshakeCount(); n != 2 {
+			t.Errorf("%d links in their handshake after the third was refused, want 2", n)
+		}
 		a.expectClosed()
 		b.expectClosed()
 	})

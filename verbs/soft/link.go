@@ -276,6 +276,9 @@ type streamLink struct {
 	br     *bufio.Reader
 	maxMsg uint64
 	stats  *devStats
+	// progress, if set, is called whenever a flush got bytes out (a
+	// connection's ack timeout counts it as progress). Set before use.
+	progress func()
 
 	wbuf []byte // writer staging, one writer at a time
 	hb   [headerLen]byte
@@ -302,6 +305,9 @@ func (l *streamLink) flush() error {
 	}
 	_, err := l.nc.Write(l.wbuf)
 	l.wbuf = l.wbuf[:0]
+	if err == nil && l.progress != nil {
+		l.progress()
+	}
 	return err
 }
 

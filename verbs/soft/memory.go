@@ -217,19 +217,19 @@ func (m *mr) Close() error {
 	return nil
 }
 
-// Stats are the bytes the provider moved through one memory region.
-type Stats struct {
+// RegionCounts are the bytes the provider moved through one memory region.
+type RegionCounts struct {
 	Read    uint64 // bytes read from the region (gathered, or served to RDMA READ)
 	Written uint64 // bytes written into it (scattered receives, RDMA WRITE targets, READ results)
 }
 
 // RegionStats returns the bytes moved through a soft memory region.
-func RegionStats(m verbs.MR) (Stats, error) {
+func RegionStats(m verbs.MR) (RegionCounts, error) {
 	r, ok := m.(*mr)
 	if !ok {
-		return Stats{}, fmt.Errorf("%w: %T is not a soft memory region", verbs.ErrInvalid, m)
+		return RegionCounts{}, fmt.Errorf("%w: %T is not a soft memory region", verbs.ErrInvalid, m)
 	}
-	return Stats{Read: r.nread.Load(), Written: r.nwritten.Load()}, nil
+	return RegionCounts{Read: r.nread.Load(), Written: r.nwritten.Load()}, nil
 }
 
 // mw is a type-2 memory window. All fields after pd are guarded by

@@ -50,6 +50,7 @@ type swqe struct {
 	bind     verbs.Bind
 	prefail  verbs.Status // an inline gather that failed at post time
 	psn      uint32
+	tx       bool // transmitted at least once
 	done     bool
 	status   verbs.Status
 	rnrTries uint8
@@ -566,8 +567,8 @@ func (q *qp) failOldest(st verbs.Status) {
 		return
 	}
 	w := q.firstUnacked()
-	if w == nil && q.rnrWait && q.acked != q.tail {
-		w = q.slot(q.acked) // transmitted, waiting for its RNR retry
+	if w == nil && q.acked != q.tail && q.slot(q.acked).tx && !q.slot(q.acked).done {
+		w = q.slot(q.acked) // sent back by an RNR NAK, not retransmitted yet
 	}
 	if w != nil {
 		w.done, w.status = true, st
@@ -615,7 +616,11 @@ func (q *qp) ackTimeout(gen uint64) {
 		return
 	}
 	timeout := q.dev.opts.AckTimeout
-	if el := q.dev.clock.Now().Sub(q.lastProgress); el < timeout {
+	last := q.lastProgress
+	if io := time.Unix(0, c.ioAt.Load()); io.After(last) {
+		last = io // the link is still moving our data
+	}
+	if el := q.dev.clock.Now().Sub(last); el < timeout {
 		q.scheduleAck(timeout - el)
 		return
 	}
@@ -721,7 +726,7 @@ func (q *qp) collectRequests(batch []outFrame) []outFrame {
 		case verbs.OpRead:
 			f.h.typ, f.h.addr, f.h.rkey, f.h.dmaLen, f.h.length = frameReadReq, w.raddr, w.rkey, uint32(w.length), 0
 		}
-		w.psn = q.txPSN
+		w.psn, w.tx = q.txPSN, true
 		q.txPSN++
 		q.inflight++
 		q.sent++
@@ -829,9 +834,14 @@ func (c *conn) scatter(q *qp, segs []segment, p payload, n uint64, wrid uint64, 
 			c.mu.Unlock()
 			return scatterAborted, nil
 		}
+		q.lastProgress = c.dev.clock.Now()
 		for done := 0; done < ch.n; {
-			for segs[si].n == so {
+			for si < len(segs) && segs[si].n == so {
 				si, so = si+1, 0
+			}
+			if si == len(segs) {
+				c.mu.Unlock()
+				return 0, errScatterOverrun
 			}
 			s := segs[si]
 			k := min(uint64(ch.n-done), s.n-so)
@@ -865,6 +875,8 @@ func (c *conn) scatter(q *qp, segs []segment, p payload, n uint64, wrid uint64, 
 	}
 	return scatterOK, nil
 }
+
+var errScatterOverrun = fmt.Errorf("%w: payload longer than its destination", verbs.ErrProtocol)
 
 var errSourceRegion = fmt.Errorf("%w: the peer deregistered memory of a request in flight", verbs.ErrProtocol)
 

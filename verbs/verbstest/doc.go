@@ -42,7 +42,10 @@
 // private data or SEND messages, and every case ends with the active half
 // disconnecting. The active half retries while the service ID has no
 // listener yet, so the two processes need no other synchronisation; start
-// the passive one first to save retries. Two cases coordinate by time: the
+// the passive one first to save retries. (A refused attempt's QP flushes the
+// receives it had posted; the active half drains them before retrying.)
+// verbs/soft's TestConformanceTwoHalves runs both halves this way, side by
+// side on one device pair, with no signal between them. Two cases coordinate by time: the
 // RNR retry 7 case posts its receive after 300 ms, the timeout case holds a
 // request for 1.5 s against a 400 ms connect deadline.
 //

@@ -287,6 +287,12 @@ func (p *Peer) connect(ctx context.Context, e *endpoint, param verbs.ConnParam, 
 		}
 		var rj *verbs.RejectError
 		if retry && errors.As(err, &rj) && rj.Reason == verbs.RejectInvalidServiceID {
+			// The refused attempt's QP flushed what prepare posted into
+			// the endpoint's CQs (as the RDMA CM does on a REJ); its QP is
+			// closed now, so drop those completions before retrying.
+			if derr := errors.Join(drain(e.scq), drain(e.rcq)); derr != nil {
+				return nil, derr
+			}
 			select {
 			case <-time.After(20 * time.Millisecond):
 				continue
@@ -294,6 +300,17 @@ func (p *Peer) connect(ctx context.Context, e *endpoint, param verbs.ConnParam, 
 			}
 		}
 		return nil, fmt.Errorf("connect: %w", err)
+	}
+}
+
+// drain polls cq empty.
+func drain(cq verbs.CQ) error {
+	wc := make([]verbs.Completion, 16)
+	for {
+		n, err := cq.Poll(wc)
+		if n == 0 || err != nil {
+			return err
+		}
 	}
 }
 
