@@ -316,6 +316,9 @@ func (c *Conn) complete(w verbs.Completion, dones []func()) []func() {
 			}
 			return dones
 		}
+		if c.state == stReset {
+			return dones // later messages of a batch that reset the stream are dropped
+		}
 		c.active = true
 		if err := c.receive(idx, int(w.ByteLen)); err != nil {
 			c.resetLocked(err)
@@ -743,6 +746,10 @@ func (c *Conn) Read(p []byte) (int, error) {
 // consume copies up to max queued bytes through put, reposting drained
 // receive slots. Caller holds c.mu.
 func (c *Conn) consume(put func([]byte) int, max int) int {
+	if c.released || c.state == stReset {
+		c.rxq, c.rxBytes = nil, 0 // the buffers are gone
+		return 0
+	}
 	n := 0
 	var drained []int
 	for n < max && len(c.rxq) > 0 {
