@@ -10,6 +10,7 @@ import (
 	"syscall"
 
 	"github.com/vsdp/vsdp/sdpback/sdp"
+	"github.com/vsdp/vsdp/verbs"
 )
 
 // Path says how a stream leaves the host.
@@ -50,6 +51,7 @@ type bridge struct {
 	q         []*Payload
 	guestEOF  bool // guest sent SHUTDOWN(send)
 	rcvShut   bool // guest sent SHUTDOWN(rcv)
+	wgen      uint64 // bumped by the engine's writable callback
 	wrDone    bool // the writer finished its half
 	abort     bool
 	closed    bool
@@ -80,7 +82,7 @@ func (b *bridge) attach(s Stream) {
 	b.vm.addStream(b)
 	go b.writer()
 	if b.sdp != nil {
-		b.sdp.SetCallbacks(s.Notify, nil)
+		b.sdp.SetCallbacks(s.Notify, b.writable)
 		s.Notify()
 	} else {
 		go b.reader()
@@ -139,20 +141,98 @@ func (b *bridge) writer() {
 		b.q = b.q[1:]
 		b.mu.Unlock()
 		var err error
-		for _, s := range p.Segs {
-			if _, err = b.conn.Write(s); err != nil {
-				break
+		if b.sdp != nil && p.SGL != nil {
+			err = b.gather(p) // releases p when the sends complete
+		} else {
+			for _, s := range p.Segs {
+				if _, err = b.conn.Write(s); err != nil {
+					break
+				}
 			}
+			p.Release()
 		}
 		b.fromGuest.Add(uint64(p.Len))
 		b.vm.fromGuest.Add(uint64(p.Len))
-		p.Release()
 		if err != nil {
 			b.fail(err)
 			return
 		}
 	}
 }
+
+// writable wakes a writer waiting for a free send slot.
+func (b *bridge) writable() {
+	b.mu.Lock()
+	b.wgen++
+	b.cond.Broadcast()
+	b.mu.Unlock()
+}
+
+// gather sends p straight from guest memory: one SDP message per
+// MaxPayload bytes, each gathered by SGEs, p released when the last one
+// completes locally.
+func (b *bridge) gather(p *Payload) error {
+	max := b.sdp.MaxPayload()
+	var chunks [][]verbs.SGE
+	var cur []verbs.SGE
+	n := 0
+	for _, s := range p.SGL {
+		for s.Length > 0 {
+			k := min(int(s.Length), max-n)
+			cur = append(cur, verbs.SGE{Addr: s.Addr, Length: uint32(k), LKey: s.LKey})
+			s.Addr += uint64(k)
+			s.Length -= uint32(k)
+			n += k
+			if n == max || len(cur) == maxGatherSGEs {
+				chunks, cur, n = append(chunks, cur), nil, 0
+			}
+		}
+	}
+	if len(cur) > 0 {
+		chunks = append(chunks, cur)
+	}
+	left := atomic.Int32{}
+	left.Store(int32(len(chunks)))
+	done := func(error) {
+		if left.Add(-1) == 0 {
+			p.Release()
+		}
+	}
+	for i, c := range chunks {
+		for {
+			b.mu.Lock()
+			gen := b.wgen
+			b.mu.Unlock()
+			err := b.sdp.SendGather(c, done)
+			if err == nil {
+				break
+			}
+			if !errors.Is(err, sdp.ErrWouldBlock) {
+				for range chunks[i:] {
+					done(err)
+				}
+				return err
+			}
+			b.mu.Lock()
+			if b.closed || b.abort {
+				b.mu.Unlock()
+				for range chunks[i:] {
+					done(net.ErrClosed)
+				}
+				return nil
+			}
+			for b.wgen == gen && !b.closed && !b.abort {
+				b.cond.Wait() // woken by the engine's writable callback
+			}
+			b.mu.Unlock()
+		}
+	}
+	return nil
+}
+
+// maxGatherSGEs keeps a message's SGEs within the engine's queue pairs
+// (the header takes one of their 8).
+const maxGatherSGEs = 7
 
 func closeWrite(c net.Conn) {
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {

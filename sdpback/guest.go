@@ -1,5 +1,7 @@
 package sdpback
 
+import "github.com/vsdp/vsdp/verbs"
+
 // The interfaces sdpback needs from a guest-facing device (the vsock device
 // implements them through a thin adapter in the daemon), so that sdpback
 // depends on no device package.
@@ -11,6 +13,10 @@ type Payload struct {
 	Segs    [][]byte
 	Len     int
 	Release func()
+	// SGL, when set, describes Segs as registered memory of the VM's
+	// stack (guest memory, local access only): the bridge then sends it
+	// with no host copy.
+	SGL []verbs.SGE
 }
 
 // Handler is sdpback's side of one guest stream; the device calls it.

@@ -708,7 +708,14 @@ func TestDisconnectMidTraffic(t *testing.T) {
 	lb.Stall = 200 * time.Millisecond
 	res := make(chan error, 1)
 	go func() { _, err := lb.Run(msgs); res <- err }()
-	time.Sleep(30 * time.Millisecond)
+	// Disconnect once the device has answered some traffic (the rx used
+	// index moved), however slow the machine.
+	for deadline := time.Now().Add(10 * time.Second); d.Queues[0].UsedIdx() == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("no traffic within 10 s")
+		}
+		time.Sleep(time.Millisecond)
+	}
 	d.F.Close()
 	if err := waitDone(t, done); err != nil {
 		t.Fatalf("session ended with %v", err)

@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/sirupsen/logrus"
 	"github.com/vsdp/vsdp/sdpback"
@@ -22,6 +23,7 @@ import (
 	"github.com/vsdp/vsdp/verbs"
 	"github.com/vsdp/vsdp/verbs/soft"
 	"github.com/vsdp/vsdp/vhost"
+	"github.com/vsdp/vsdp/vhost/guestmem"
 	"github.com/vsdp/vsdp/vhost/vsock"
 )
 
@@ -101,6 +103,74 @@ type VM struct {
 
 	mu  sync.Mutex
 	dev *vsock.Device
+	reg *memReg
+}
+
+// memReg registers guest memory regions with the VM's protection domain,
+// local access only (an rkey over guest RAM would let any fabric peer
+// read or write the VM), so guest payloads are sent with no host copy.
+// The tables holding registered regions stay retained, so no region is
+// unmapped under its registration; everything goes when the front-end
+// does.
+type memReg struct {
+	mu     sync.Mutex
+	pd     verbs.PD
+	mrs    map[*guestmem.Region]verbs.MR
+	tables []*guestmem.Table
+	closed bool
+}
+
+func newMemReg(pd verbs.PD) *memReg { return &memReg{pd: pd, mrs: map[*guestmem.Region]verbs.MR{}} }
+
+// sgl describes p's segments as registered memory, or returns nil (a
+// host copy, or memory that cannot be registered: the bridge copies).
+func (m *memReg) sgl(p *vsock.Payload) []verbs.SGE {
+	if m == nil || p.Mem == nil || p.Copied {
+		return nil
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil
+	}
+	out := make([]verbs.SGE, 0, len(p.Segs))
+	for _, seg := range p.Segs {
+		r := p.Mem.RegionOf(seg)
+		if r == nil {
+			return nil
+		}
+		mr := m.mrs[r]
+		if mr == nil {
+			var err error
+			if mr, err = m.pd.RegMR(r.Bytes(), 0); err != nil {
+				return nil
+			}
+			m.mrs[r] = mr
+			m.tables = append(m.tables, p.Mem.Retain())
+		}
+		off := uint64(uintptr(unsafe.Pointer(unsafe.SliceData(seg))) - uintptr(unsafe.Pointer(unsafe.SliceData(r.Bytes()))))
+		out = append(out, verbs.SGE{Addr: mr.Addr() + off, Length: uint32(len(seg)), LKey: mr.LKey()})
+	}
+	return out
+}
+
+// close deregisters everything. Sends still using the memory fail first:
+// the caller closes the VM's streams before.
+func (m *memReg) close() {
+	if m == nil {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.closed = true
+	for r, mr := range m.mrs {
+		mr.Close()
+		delete(m.mrs, r)
+	}
+	for _, t := range m.tables {
+		t.Release()
+	}
+	m.tables = nil
 }
 
 // Device returns the VM's current vsock device (nil before QEMU connects).
@@ -212,15 +282,18 @@ func (d *Daemon) startVM(vc VMConfig, addr netip.Addr) (*VM, error) {
 	limit := newLimiter(10, time.Second)
 	v.srv = &vhost.Server{
 		NewDevice: func() (vhost.Device, error) {
-			dev, err := vsock.New(vsock.Config{CID: vc.CID}, backend{v.Back})
+			dev, err := vsock.New(vsock.Config{CID: vc.CID}, backend{v.Back, func() *memReg { v.mu.Lock(); defer v.mu.Unlock(); return v.reg }})
 			if err != nil {
 				return nil, err
 			}
+			v.Back.Reset() // a new front-end: whatever the old guest had is gone
 			v.mu.Lock()
 			v.dev = dev
+			v.reg.close()
+			v.reg = newMemReg(st.PD())
+			reg := v.reg
 			v.mu.Unlock()
-			v.Back.Reset() // a new front-end: whatever the old guest had is gone
-			v.Back.SetDevice(deviceAdapter{dev})
+			v.Back.SetDevice(deviceAdapter{dev, reg})
 			return dev, nil
 		},
 		Trace: func(e vhost.Event) {
@@ -270,6 +343,9 @@ func (d *Daemon) Close() {
 	for _, v := range d.vms {
 		v.srv.Close()
 		v.Back.Close()
+		v.mu.Lock()
+		v.reg.close()
+		v.mu.Unlock()
 		v.stack.Close()
 		os.Remove(v.Socket)
 	}
@@ -285,14 +361,20 @@ func (d *Daemon) Close() {
 }
 
 // backend adapts a vsock device's guest connections to sdpback.
-type backend struct{ vm *sdpback.VM }
+type backend struct {
+	vm  *sdpback.VM
+	reg func() *memReg
+}
 
-func (b backend) Connect(r *vsock.Request) { b.vm.GuestConnect(r.HostPort, r.GuestPort, answer{r}) }
+func (b backend) Connect(r *vsock.Request) { b.vm.GuestConnect(r.HostPort, r.GuestPort, answer{r, b.reg()}) }
 
-type answer struct{ r *vsock.Request }
+type answer struct {
+	r   *vsock.Request
+	reg *memReg
+}
 
 func (a answer) Accept(h sdpback.Handler) (sdpback.Stream, error) {
-	c, err := a.r.Accept(stream{h})
+	c, err := a.r.Accept(stream{h, a.reg})
 	if err != nil {
 		return nil, err
 	}
@@ -302,19 +384,25 @@ func (a answer) Accept(h sdpback.Handler) (sdpback.Stream, error) {
 func (a answer) Refuse() { a.r.Refuse() }
 
 // stream adapts an sdpback handler to a vsock stream.
-type stream struct{ h sdpback.Handler }
+type stream struct {
+	h   sdpback.Handler
+	reg *memReg
+}
 
 func (s stream) Deliver(p *vsock.Payload) {
-	s.h.Deliver(&sdpback.Payload{Segs: p.Segs, Len: p.Len, Release: p.Release})
+	s.h.Deliver(&sdpback.Payload{Segs: p.Segs, Len: p.Len, Release: p.Release, SGL: s.reg.sgl(p)})
 }
 func (s stream) Pull(dst [][]byte) (int, bool)     { return s.h.Pull(dst) }
 func (s stream) Shutdown(rcv, send, abortive bool) { s.h.Shutdown(rcv, send, abortive) }
 func (s stream) Reset(err error)                   { s.h.Reset(err) }
 
-type deviceAdapter struct{ d *vsock.Device }
+type deviceAdapter struct {
+	d   *vsock.Device
+	reg *memReg
+}
 
 func (a deviceAdapter) Dial(guestPort uint32, h sdpback.Handler, announce func(sdpback.Stream), done func(error)) (sdpback.Stream, error) {
-	c, err := a.d.DialThen(guestPort, stream{h}, func(c *vsock.Conn) { announce(c) }, done)
+	c, err := a.d.DialThen(guestPort, stream{h, a.reg}, func(c *vsock.Conn) { announce(c) }, done)
 	if err != nil {
 		return nil, err
 	}

@@ -6,6 +6,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -183,6 +184,23 @@ func (t *Table) Regions() []RegionSpec {
 		out[i] = r.spec
 	}
 	return out
+}
+
+// RegionOf returns the region whose mapping holds b's first byte, or nil.
+// It lets a caller that has only a slice (a descriptor's buffer) find the
+// region to register with an RDMA device.
+func (t *Table) RegionOf(b []byte) *Region {
+	if len(b) == 0 {
+		return nil
+	}
+	p := uintptr(unsafe.Pointer(unsafe.SliceData(b)))
+	for _, r := range t.byGPA {
+		base := uintptr(unsafe.Pointer(unsafe.SliceData(r.data)))
+		if p >= base && p-base < uintptr(len(r.data)) {
+			return r
+		}
+	}
+	return nil
 }
 
 // Region returns the region containing GPA a, or nil.

@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 
 	"github.com/vsdp/vsdp/vhost"
+	"github.com/vsdp/vsdp/vhost/guestmem"
 	"github.com/vsdp/vsdp/vhost/virtq"
 )
 
@@ -23,7 +24,7 @@ const (
 const (
 	DefaultBufAlloc       = 256 << 10
 	DefaultMaxConns       = 1024
-	DefaultMaxHeldPerConn = 4
+	DefaultMaxHeldPerConn = 32
 	DefaultMaxHeld        = 64
 	maxOrphanRST          = 256
 	firstEphemeralPort    = 1 << 30
@@ -107,6 +108,10 @@ type Payload struct {
 	Segs   [][]byte
 	Len    int
 	Copied bool // Segs is a host copy, not guest memory
+	// Mem is the guest memory Segs lie in (nil for a copy); it stays
+	// retained until Release, so its regions may be registered with an
+	// RDMA device for a zero-copy send.
+	Mem *guestmem.Table
 	once   sync.Once
 	done   func()
 }
@@ -556,6 +561,7 @@ func (d *Device) dispatch(h Header, ch *virtq.Chain, r *virtq.Reader) (deferred 
 			d.held++
 			d.stats.HeldChains++
 			p.Segs = r.Slices(nil, n)
+			p.Mem = ch.Table()
 			q := d.tx
 			p.done = func() { d.released(c, n, true); q.Push(ch, 0); q.Flush() }
 			hold = true
