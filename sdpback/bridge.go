@@ -49,10 +49,10 @@ type bridge struct {
 	mu        sync.Mutex
 	cond      *sync.Cond
 	q         []*Payload
-	guestEOF  bool // guest sent SHUTDOWN(send)
-	rcvShut   bool // guest sent SHUTDOWN(rcv)
+	guestEOF  bool   // guest sent SHUTDOWN(send)
+	rcvShut   bool   // guest sent SHUTDOWN(rcv)
 	wgen      uint64 // bumped by the engine's writable callback
-	wrDone    bool // the writer finished its half
+	wrDone    bool   // the writer finished its half
 	abort     bool
 	closed    bool
 	rbuf      []byte // TCP path: received, not pulled

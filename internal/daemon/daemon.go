@@ -366,7 +366,9 @@ type backend struct {
 	reg func() *memReg
 }
 
-func (b backend) Connect(r *vsock.Request) { b.vm.GuestConnect(r.HostPort, r.GuestPort, answer{r, b.reg()}) }
+func (b backend) Connect(r *vsock.Request) {
+	b.vm.GuestConnect(r.HostPort, r.GuestPort, answer{r, b.reg()})
+}
 
 type answer struct {
 	r   *vsock.Request

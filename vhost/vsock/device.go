@@ -111,9 +111,9 @@ type Payload struct {
 	// Mem is the guest memory Segs lie in (nil for a copy); it stays
 	// retained until Release, so its regions may be registered with an
 	// RDMA device for a zero-copy send.
-	Mem *guestmem.Table
-	once   sync.Once
-	done   func()
+	Mem  *guestmem.Table
+	once sync.Once
+	done func()
 }
 
 // Release gives the guest's buffers and credit back. Idempotent.
