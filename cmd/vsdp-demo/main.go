@@ -247,8 +247,8 @@ func report(d *daemon.Daemon, n int, el, rtt time.Duration, ok bool) {
 		fmt.Printf("  host copies per byte fabric->guest %.2f (receive buffer -> guest rx buffer)\n", float64(es.ReadCopiedBytes)/float64(es.BytesRecv))
 	}
 	if es.BytesSent > 0 {
-		fmt.Printf("                       guest->fabric %.2f (engine copies; zero-copy gather from guest memory is still to come)\n",
-			float64(es.CopiedBytes)/float64(es.BytesSent))
+		fmt.Printf("                       guest->fabric %.2f (%d of %d bytes gathered straight from guest memory)\n",
+			float64(es.CopiedBytes)/float64(es.BytesSent), es.GatherBytes, es.BytesSent)
 	}
 }
 
