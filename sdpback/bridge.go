@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/vsdp/vsdp/sdpback/sdp"
 	"github.com/vsdp/vsdp/verbs"
@@ -64,6 +65,11 @@ type bridge struct {
 }
 
 const tcpPullBuf = 256 << 10
+
+// resetFlushWait bounds how long a stream's RST waits for its RESET
+// message to reach the guest (a guest not reading its control connection
+// gets the RST anyway).
+const resetFlushWait = 500 * time.Millisecond
 
 func newBridge(vm *VM, path Path, conn net.Conn, local, remote netip.AddrPort) *bridge {
 	b := &bridge{vm: vm, path: path, conn: conn, local: local, remote: remote}
@@ -375,6 +381,10 @@ func (b *bridge) fail(err error) {
 	}
 	if s != nil {
 		b.vm.broadcastReset(s.GuestPort(), s.HostPort(), errno)
+		// The RESET must be in the guest's control socket before the
+		// stream's RST: the two are different vsock streams, and the
+		// guest library checks for a RESET when it sees the EOF.
+		b.vm.waitCtlFlushed(resetFlushWait)
 		s.Reset()
 	}
 	b.conn.Close()

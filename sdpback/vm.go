@@ -415,6 +415,30 @@ func (vm *VM) broadcastReset(guestPort, hostPort uint32, errno syscall.Errno) {
 	}
 }
 
+// waitCtlFlushed waits until every control connection's output was pulled
+// into guest buffers, or d passes.
+func (vm *VM) waitCtlFlushed(d time.Duration) {
+	deadline := time.Now().Add(d)
+	vm.mu.Lock()
+	cs := make([]*ctlConn, 0, len(vm.ctls))
+	for c := range vm.ctls {
+		cs = append(cs, c)
+	}
+	vm.mu.Unlock()
+	for {
+		pending := false
+		for _, c := range cs {
+			c.mu.Lock()
+			pending = pending || (len(c.out) > 0 && !c.closed)
+			c.mu.Unlock()
+		}
+		if !pending || time.Now().After(deadline) {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 // guestListener is a fabric listener exported for a guest listener.
 type guestListener struct {
 	vm        *VM

@@ -328,6 +328,10 @@ func (d *Daemon) startVM(vc VMConfig, addr netip.Addr) (*VM, error) {
 	return v, nil
 }
 
+// HostStack returns the SDP stack on the host's own fabric address (the
+// exports' stack), for host programs and tests.
+func (d *Daemon) HostStack() *sdp.Stack { return d.host }
+
 // VMs returns the served VMs.
 func (d *Daemon) VMs() []*VM { return d.vms }
 
