@@ -686,7 +686,7 @@ func (c *conn) Close() error {
 	return nil
 }
 
-// addrs reads the identifier's addresses; the caller holds c.mu.
+// readAddrsLocked reads the identifier's addresses; the caller holds c.mu.
 func (c *conn) readAddrsLocked() {
 	var a C.struct_vsdp_addrs
 	C.vsdp_id_addrs(c.id, &a)

@@ -112,7 +112,10 @@ func (c *cq) Poll(wc []verbs.Completion) (int, error) {
 		return 0, rcErr("ibv_poll_cq", r)
 	}
 	for i := 0; i < r; i++ {
-		if wc[i].Flags&verbs.WithInv != 0 {
+		switch {
+		case wc[i].Status != verbs.StatusSuccess:
+			c.dev.hub.qpFailed(wc[i].QPN)
+		case wc[i].Flags&verbs.WithInv != 0:
 			c.dev.remoteInvalidated(wc[i].InvalidatedRKey)
 		}
 	}

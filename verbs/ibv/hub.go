@@ -153,3 +153,14 @@ func (h *hub) removeCQ(c *cq) {
 	delete(h.cqs, uintptr(unsafe.Pointer(c.cq)))
 	h.mu.Unlock()
 }
+
+// qpFailed notes that a queue pair had a failed completion, so it may be in
+// the error state (see qp.flushRecv).
+func (h *hub) qpFailed(qpn uint32) {
+	h.mu.Lock()
+	q := h.qps[qpn]
+	h.mu.Unlock()
+	if q != nil {
+		q.maybeErr.Store(true)
+	}
+}

@@ -36,6 +36,9 @@ type qp struct {
 	// mu is held shared by posts, Modify and State, exclusively by Close.
 	mu      sync.RWMutex
 	closing atomic.Bool
+	// maybeErr: the queue pair may be in the error state (it was moved
+	// there, or one of its completions failed). See flushRecv.
+	maybeErr atomic.Bool
 
 	sendMu sync.Mutex // the send scratch arrays
 	swr    []C.struct_vsdp_swr
@@ -91,6 +94,9 @@ func (q *qp) Modify(to verbs.QPState) error {
 	if !cur.CanTransition(to) {
 		return fmt.Errorf("%w: %v to %v", verbs.ErrQPState, cur, to)
 	}
+	if to == verbs.QPError {
+		q.maybeErr.Store(true)
+	}
 	if rc := C.vsdp_modify_qp_state(q.qp, C.int(to)); rc != 0 {
 		return rcErr("ibv_modify_qp", int(rc))
 	}
@@ -103,6 +109,23 @@ func (q *qp) toError() {
 	q.mu.RLock()
 	defer q.mu.RUnlock()
 	if !q.closing.Load() {
+		q.maybeErr.Store(true)
+		C.vsdp_modify_qp_state(q.qp, C.IBV_QPS_ERR)
+	}
+}
+
+// flushRecv works around soft-RoCE leaving receives posted in the error
+// state unflushed (IBA 10.3.1: work requests posted to a QP in the error
+// state complete with WR_FLUSH_ERR): librxe writes receives into the
+// user-mapped queue without entering the kernel, so nothing runs the rxe
+// responder, which is what flushes. After a post on an rxe queue pair that
+// may be in the error state, a state query and, if it is, a modify to ERR
+// (which runs the responder) flush them. The caller holds q.mu shared.
+func (q *qp) flushRecv() {
+	if !q.dev.rxe || !q.maybeErr.Load() {
+		return
+	}
+	if s, err := q.state(); err == nil && s == verbs.QPError {
 		C.vsdp_modify_qp_state(q.qp, C.IBV_QPS_ERR)
 	}
 }
@@ -263,6 +286,7 @@ func (q *qp) PostSend(wrs []verbs.SendWR) error {
 		}
 		var at C.int
 		if rc := C.vsdp_post_send(q.qp, &swr[0], C.int(n), sp, &at); rc != 0 {
+			at = max(at, 0)
 			q.posted(wrs[:at])
 			return q.postErr("ibv_post_send", int(at), int(rc), true)
 		}
@@ -352,8 +376,9 @@ func (q *qp) PostRecv(wrs []verbs.RecvWR) error {
 	}
 	var at C.int
 	if rc := C.vsdp_post_recv(q.qp, &rwr[0], C.int(len(rwr)), sp, &at); rc != 0 {
-		return q.postErr("ibv_post_recv", int(at), int(rc), false)
+		return q.postErr("ibv_post_recv", max(int(at), 0), int(rc), false)
 	}
+	q.flushRecv()
 	return nil
 }
 
@@ -368,6 +393,9 @@ func (q *qp) asyncEvent(t C.int32_t) {
 	typ, ok := asyncEvent(int32(t))
 	if !ok {
 		return
+	}
+	if typ != verbs.EventSQDrained {
+		q.maybeErr.Store(true)
 	}
 	var err error
 	switch typ {
