@@ -4,7 +4,7 @@ GO    ?= go
 export PATH := /usr/local/go/bin:$(PATH)
 # VM tests run one at a time; everything else in parallel.
 PKGS  := ./...
-BENCHTIME ?= 1s
+BENCHTIME ?= 500ms
 FUZZTIME  ?= 30s
 
 .PHONY: all deps build test test-host test-vm lint bench fuzz demo clean
@@ -17,6 +17,7 @@ deps:
 build:
 	CGO_ENABLED=0 $(GO) build ./...
 	$(GO) build -o build/bin/ ./cmd/...
+	bash guestdrv/build.sh build/guest
 
 lint:
 	@echo "== lint: gofmt, go vet"
@@ -38,7 +39,7 @@ test-vm: deps
 	VSDP_VMTEST=1 $(GO) test -p 1 -count=1 -timeout 20m -run 'TestVM' $(PKGS); rc=$$?; \
 	echo "== tier 2 wall time: $$(( $$(date +%s) - start )) s"; exit $$rc
 
-test: deps lint
+test: deps lint build
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory test-host && $(MAKE) --no-print-directory test-vm; rc=$$?; \
 	echo "== make test total wall time: $$(( $$(date +%s) - start )) s"; exit $$rc
@@ -49,7 +50,7 @@ bench:
 fuzz:
 	@bash scripts/fuzz.sh $(FUZZTIME)
 
-demo: build
+demo: deps build
 	@$(GO) run ./cmd/vsdp-demo
 
 clean:

@@ -8,7 +8,7 @@ set -eu
 # (vsdp-image extracts the uncompressed kernel from vmlinuz).
 PACKAGES="qemu-system-x86 qemu-utils busybox-static cpio kmod socat iproute2
 libibverbs-dev librdmacm-dev ibverbs-providers ibverbs-utils rdmacm-utils
-perftest iperf3 xz-utils gzip"
+perftest iperf3 xz-utils gzip wget"
 
 die() { echo "deps.sh: $*" >&2; exit 1; }
 

@@ -2,6 +2,7 @@ package sdpback_test
 
 import (
 	"bytes"
+	"fmt"
 	"context"
 	"crypto/sha256"
 	"io"
@@ -429,6 +430,12 @@ func TestGuestListener(t *testing.T) {
 }
 
 func TestResetReachesGuest(t *testing.T) {
+	for _, halfClosed := range []bool{false, true} {
+		t.Run(fmt.Sprintf("half-closed=%v", halfClosed), func(t *testing.T) { testResetReachesGuest(t, halfClosed) })
+	}
+}
+
+func testResetReachesGuest(t *testing.T, halfClosed bool) {
 	w := newWorld(t, sdpback.Policy{mustRule(t, "sdp 10.8.0.0/24")})
 	l, err := w.peerSt.Listen(12, 4)
 	if err != nil {
@@ -445,6 +452,10 @@ func TestResetReachesGuest(t *testing.T) {
 	g := w.ctl(5000)
 	s, _ := w.dialThrough(g, "10.8.0.20:12", 6010)
 	remote := <-accepted
+	if halfClosed { // socat -u shuts its write side at once
+		s.h.Shutdown(false, true, false)
+		time.Sleep(50 * time.Millisecond)
+	}
 	go func() { // the device pulls whenever it is notified
 		for !s.reset.Load() {
 			s.pull(10 * time.Millisecond)

@@ -19,7 +19,7 @@ func TestGoldenDial(t *testing.T) {
 		"1800",     // body length 24, LE
 		"07000000", // id 7
 		"02", "00", // AF_INET, zero
-		"8913", // port 5001 LE
+		"8913",                             // port 5001 LE
 		"0a010007000000000000000000000000", // 10.1.0.7
 		"01000000",                         // flags NODELAY
 	}, ""))
