@@ -2,9 +2,9 @@ package sdpback_test
 
 import (
 	"bytes"
-	"fmt"
 	"context"
 	"crypto/sha256"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
