@@ -528,3 +528,30 @@ func TestParseRule(t *testing.T) {
 		}
 	}
 }
+
+// TestTicketRetry: a guest whose connect was interrupted connects to the
+// same ticket again; the newest attempt gets the stream, the older one RST.
+func TestTicketRetry(t *testing.T) {
+	w := newWorld(t, sdpback.Policy{mustRule(t, "sdp 10.8.0.0/24")})
+	echoServer(t, w.peerSt, 7)
+	g := w.ctl(5000)
+	g.send(ctl.Msg{Type: ctl.TypeDial, ID: 1, Remote: netip.MustParseAddrPort("10.8.0.20:7")})
+	tk := g.recv()
+	first, second := newFakeStream(6100, tk.Port), newFakeStream(6101, tk.Port)
+	w.vm.GuestConnect(tk.Port, 6100, first)
+	w.vm.GuestConnect(tk.Port, 6101, second)
+	if res := g.recv(); res.Type != ctl.TypeResult || res.Errno != 0 {
+		t.Fatalf("RESULT %+v", res)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !second.accepted.Load() && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if !first.refused.Load() || first.accepted.Load() || !second.accepted.Load() {
+		t.Fatalf("first refused=%v accepted=%v, second accepted=%v", first.refused.Load(), first.accepted.Load(), second.accepted.Load())
+	}
+	second.send([]byte("ping"))
+	if b, _ := second.pull(5 * time.Second); string(b) != "ping" {
+		t.Fatalf("echo %q", b)
+	}
+}

@@ -240,14 +240,20 @@ func (vm *VM) GuestConnect(hostPort, guestPort uint32, a Answer) {
 	}
 	vm.mu.Lock()
 	t := vm.tickets[hostPort]
-	if t == nil || t.answer != nil {
+	if t == nil {
 		vm.mu.Unlock()
 		a.Refuse()
 		return
 	}
+	// A second connection to the same ticket: the guest library retried a
+	// connect a signal interrupted. The newest attempt wins.
+	old := t.answer
 	t.answer = a
 	ready := t.done
 	vm.mu.Unlock()
+	if old != nil {
+		old.Refuse()
+	}
 	if ready {
 		vm.complete(t)
 	}
