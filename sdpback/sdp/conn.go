@@ -159,7 +159,9 @@ type Conn struct {
 	onWritable   func()
 	stats        ConnStats
 	released     bool
-	disconnected bool
+	disconnected bool               // the peer's CM disconnect arrived
+	discHandled  bool               // and was decided
+	wakeRun      context.CancelFunc // cuts the completion loop's wait short
 }
 
 func (c *Conn) lockedBroadcast() {
@@ -239,19 +241,39 @@ func (c *Conn) run() {
 	defer c.release()
 	wc := make([]verbs.Completion, pollSize)
 	for {
-		n, err := verbs.PollWait(c.ctx, c.cq, wc)
-		if err != nil {
-			if c.ctx.Err() == nil {
-				c.mu.Lock()
-				c.resetLocked(fmt.Errorf("completion queue: %w", err))
-				c.mu.Unlock()
-			}
+		// The wait can be cut short by the events goroutine: a CM
+		// disconnect is decided here, after the completions that arrived
+		// before it were processed (data and DisConn the peer sent before
+		// disconnecting must not be lost to the race between the two).
+		wctx, wake := context.WithCancel(c.ctx)
+		c.mu.Lock()
+		c.wakeRun = wake
+		pendingDisc := c.disconnected && !c.discHandled
+		c.mu.Unlock()
+		var n int
+		var err error
+		if pendingDisc {
+			n, err = c.cq.Poll(wc)
+		} else {
+			n, err = verbs.PollWait(wctx, c.cq, wc)
+		}
+		wake()
+		if err != nil && c.ctx.Err() == nil && wctx.Err() == nil {
+			c.mu.Lock()
+			c.resetLocked(fmt.Errorf("completion queue: %w", err))
+			c.mu.Unlock()
+			return
+		}
+		if c.ctx.Err() != nil {
 			return
 		}
 		var dones []func()
 		c.mu.Lock()
 		for _, w := range wc[:n] {
 			dones = c.complete(w, dones)
+		}
+		if n == 0 && c.disconnected && !c.discHandled {
+			c.onDisconnect() // the CQ is drained
 		}
 		c.pump()
 		c.lockedBroadcast()
@@ -269,6 +291,24 @@ func (c *Conn) run() {
 	}
 }
 
+// onDisconnect decides what the peer's CM disconnect means, once every
+// completion before it was processed. Caller holds c.mu.
+func (c *Conn) onDisconnect() {
+	c.discHandled = true
+	switch {
+	case c.state == stLastAck || c.state == stTimeWait:
+		c.state = stTimeWait
+		c.maybeTeardown()
+	case c.state == stFinWait1 && c.peerFin:
+		// Both DisConns crossed: the peer got ours (it disconnects only
+		// then) and we have its own.
+		c.state = stTimeWait
+		c.maybeTeardown()
+	case c.state != stReset:
+		c.resetLocked(fmt.Errorf("%w: peer disconnected in %v", ErrAborted, c.state))
+	}
+}
+
 // events handles connection manager events.
 func (c *Conn) events() {
 	for {
@@ -283,12 +323,8 @@ func (c *Conn) events() {
 			switch ev.Type {
 			case verbs.EventDisconnected:
 				c.disconnected = true
-				switch c.state {
-				case stLastAck, stTimeWait:
-					c.state = stTimeWait
-					c.maybeTeardown()
-				default:
-					c.resetLocked(fmt.Errorf("%w: peer disconnected in %v", ErrAborted, c.state))
+				if c.wakeRun != nil {
+					c.wakeRun() // the completion loop decides, after draining the CQ
 				}
 			case verbs.EventQPFatal, verbs.EventQPRequestError, verbs.EventQPAccessError, verbs.EventCQError:
 				c.resetLocked(fmt.Errorf("%v: %w", ev, ErrAborted))
@@ -311,7 +347,9 @@ func (c *Conn) complete(w verbs.Completion, dones []func()) []func() {
 	if kind == wrRecv {
 		c.posted--
 		if w.Status != verbs.StatusSuccess {
-			if w.Status != verbs.StatusFlushed || c.state != stTimeWait {
+			// Flushes follow a disconnect (decided by onDisconnect) or our
+			// own teardown; anything else is a failure.
+			if w.Status != verbs.StatusFlushed || (c.state != stTimeWait && !c.disconnected) {
 				c.resetLocked(fmt.Errorf("receive: %w", w.Err()))
 			}
 			return dones
@@ -341,7 +379,7 @@ func (c *Conn) complete(w verbs.Completion, dones []func()) []func() {
 			dones = append(dones, func() { f(err) })
 		}
 	}
-	if w.Status != verbs.StatusSuccess && !(w.Status == verbs.StatusFlushed && c.state == stReset) {
+	if w.Status != verbs.StatusSuccess && !(w.Status == verbs.StatusFlushed && (c.state == stReset || c.state == stTimeWait || c.disconnected)) {
 		c.resetLocked(fmt.Errorf("send: %w", w.Err()))
 	}
 	return dones
