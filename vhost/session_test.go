@@ -566,7 +566,9 @@ func TestBufferSpanningAdjacentRegions(t *testing.T) {
 	rx.Notify(true)
 	tx.Notify(true)
 	deadline := time.Now().Add(5 * time.Second)
-	for rx.UsedIdx() != 1 && time.Now().Before(deadline) {
+	// The device pushes the rx chain before it gives the tx chain back:
+	// wait for both.
+	for (rx.UsedIdx() != 1 || tx.UsedIdx() != 1) && time.Now().Before(deadline) {
 		vhosttest.WaitCalls(100*time.Millisecond, rx, tx)
 	}
 	if rx.UsedIdx() != 1 || tx.UsedIdx() != 1 {
