@@ -48,7 +48,6 @@ var rxeDeviations = map[string]string{
 	"LocalLength":       "LOC_QP_OP_ERR and REM_OP_ERR instead of LOC_LEN_ERR and REM_INV_REQ_ERR (TestGuestErrors/length)",
 	"RecvProtection":    "LOC_QP_OP_ERR instead of LOC_PROT_ERR",
 	"QPErrorFlush":      "send queue deeper than reported (TestGuestQueueDepth)",
-	"Ordering":          "RetryCount 0 in the suite: one lost or late ACK under TCG ends the QP (RETRY_EXC_ERR)",
 }
 
 // conformanceRun returns the -test.run pattern for a conformance test

@@ -276,6 +276,7 @@ func (e *endpoint) close() error {
 // connect connects e to the passive half. retry retries while the service
 // ID has no listener yet (two-process runs).
 func (p *Peer) connect(ctx context.Context, e *endpoint, param verbs.ConnParam, prepare func(verbs.QP) error, retry bool) ([]byte, error) {
+	param = withTransportRetries(param)
 	for {
 		c, rep, err := verbs.Dial(ctx, p.Dev, verbs.DialConfig{
 			Resolve: verbs.ResolveOptions{Addr: p.Remote, ServiceID: p.SID},
@@ -327,6 +328,7 @@ func (p *Peer) listen() (verbs.Listener, error) {
 // accept takes the next request on ln into e and accepts it. It returns the
 // REQ's private data.
 func accept(ctx context.Context, ln verbs.Listener, e *endpoint, param verbs.ConnParam, prepare func(verbs.QP) error) ([]byte, error) {
+	param = withTransportRetries(param)
 	c, err := ln.Accept(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("listener accept: %w", err)
@@ -575,4 +577,15 @@ func finish(ctx context.Context, e *endpoint) error {
 		return err
 	}
 	return nil
+}
+
+// withTransportRetries gives the suite's queue pairs the full transport
+// retry count: a case is about the verbs' semantics, and one late ACK
+// under an emulated CPU (rxe in a TCG guest) must not end the QP. RNR
+// retries stay as each case sets them.
+func withTransportRetries(p verbs.ConnParam) verbs.ConnParam {
+	if p.RetryCount == 0 {
+		p.RetryCount = 7
+	}
+	return p
 }
