@@ -17,3 +17,5 @@ extra=(${EXTRA_CFLAGS:-})
 	"$src/sock.c" "$src/io.c" "$src/fd.c" "$src/rules.c" \
 	-ldl -Wl,--no-undefined -Wl,-z,defs
 "$cc" "${cflags[@]}" "${extra[@]}" -o "$out/vsdp-conf" "$src/vsdp_conf.c" "$src/rules.c"
+# The C test client the guest-side tests run (also inside VM tests).
+"$cc" "${cflags[@]}" "${extra[@]}" -U_GNU_SOURCE -o "$out/vsdptest" "$here/testdata/vsdptest.c" -I"$src" -ldl

@@ -183,6 +183,7 @@ func TestVMListeners(t *testing.T) {
 		Binaries: []string{"/usr/bin/socat"},
 		Files: []images.File{
 			{Path: "/lib/libvsdp.so", Host: lib, Mode: 0o755},
+			{Path: "/bin/vsdptest", Host: filepath.Join(root, "build", "guest", "vsdptest"), Mode: 0o755},
 			{Path: "/etc/vsdp.conf", Data: "use sdp client * 10.61.0.0/24:*\nuse sdp server * *:*\n"},
 		},
 	}
@@ -236,6 +237,34 @@ func TestVMListeners(t *testing.T) {
 		got := a.Check(t, "cat", "/tmp/from-b")
 		if !strings.Contains(got, "hello-from-b") || !strings.Contains(got, "peer=10.61.0.11") {
 			t.Fatalf("guest A got %q: want B's data and B's fabric address", got)
+		}
+	})
+	t.Run("remote abort gives ECONNRESET, never EOF", func(t *testing.T) {
+		l, err := d.HostStack().Listen(7777, 4)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		go func() {
+			c, err := l.AcceptSDP(ctx)
+			if err != nil {
+				return
+			}
+			c.Write(make([]byte, 1000))
+			time.Sleep(300 * time.Millisecond)
+			c.Abort() // the remote application dies mid-stream
+		}()
+		// vsdptest (guestdrv/testdata) reads 1000 bytes, then reports what
+		// read, a second read and write return.
+		r, err := b.Exec(ctx, vmtest.Cmd{Args: []string{"/bin/vsdptest", "reset", "10.61.0.1", "7777"}, Env: env, Timeout: time.Minute})
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := string(r.Stdout)
+		for _, want := range []string{"read_total=1000", "read_err=ECONNRESET", "write_err=ECONNRESET"} {
+			if !strings.Contains(out, want) {
+				t.Fatalf("guest program output lacks %q:\n%s", want, out)
+			}
 		}
 	})
 }
