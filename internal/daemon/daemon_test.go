@@ -46,6 +46,39 @@ func serveBlob(t *testing.T, n int) (string, [32]byte) {
 	return ln.Addr().String(), sha256.Sum256(blob)
 }
 
+// startWithGuest starts vsdpd with cfg (its first VM is the guest's) and a
+// simulated guest on that VM's socket: the fake front-end plays QEMU and
+// vsocktest the guest's vsock driver.
+func startWithGuest(t *testing.T, cfg *daemon.Config) (*daemon.Daemon, *vhosttest.Device, *vsocktest.Guest) {
+	t.Helper()
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	d, err := daemon.Start(cfg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(d.Close)
+	f, err := vhosttest.Dial(cfg.VMs[0].Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	dev, err := f.Init(vhosttest.DeviceOptions{MemSize: 64 << 20, EventIdx: true, Indirect: true, ConfigSize: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(dev.Close)
+	if err := dev.Start(); err != nil {
+		t.Fatal(err)
+	}
+	g, err := vsocktest.New(dev, cfg.VMs[0].CID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Close)
+	return d, dev, g
+}
+
 type guestCtl struct {
 	t  *testing.T
 	c  *vsocktest.Conn
@@ -93,35 +126,10 @@ func TestGuestFetchesExportedServiceOverSDP(t *testing.T) {
 		VMs: []daemon.VMConfig{{Name: "vm1", Socket: sock, CID: 7, Addr: "10.50.0.7",
 			Policy: []string{"sdp 10.50.0.1:8080", "deny 10.50.0.1:9 ENETUNREACH"}}},
 	}
-	log := logrus.New()
-	log.SetOutput(io.Discard)
-	d, err := daemon.Start(cfg, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-
-	f, err := vhosttest.Dial(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	dev, err := f.Init(vhosttest.DeviceOptions{MemSize: 64 << 20, EventIdx: true, Indirect: true, ConfigSize: 8})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dev.Close()
+	d, dev, g := startWithGuest(t, cfg)
 	if cid := uint64(dev.Config[0]) | uint64(dev.Config[1])<<8; cid != 7 {
 		t.Fatalf("guest_cid %d, want 7", cid)
 	}
-	if err := dev.Start(); err != nil {
-		t.Fatal(err)
-	}
-	g, err := vsocktest.New(dev, 7)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
 
 	cc, err := g.Dial(ctl.DefaultPort, 5*time.Second)
 	if err != nil {
@@ -194,31 +202,7 @@ func TestGuestUploadIsZeroCopy(t *testing.T) {
 		Exports: []daemon.ExportConfig{{Port: 9, Target: ln.Addr().String()}},
 		VMs:     []daemon.VMConfig{{Name: "vm", Socket: sock, CID: 8, Addr: "10.51.0.8", Policy: []string{"sdp 10.51.0.1:9"}}},
 	}
-	log := logrus.New()
-	log.SetOutput(io.Discard)
-	d, err := daemon.Start(cfg, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	f, err := vhosttest.Dial(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	dev, err := f.Init(vhosttest.DeviceOptions{MemSize: 64 << 20, EventIdx: true, Indirect: true, ConfigSize: 8})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dev.Close()
-	if err := dev.Start(); err != nil {
-		t.Fatal(err)
-	}
-	g, err := vsocktest.New(dev, 8)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
+	d, _, g := startWithGuest(t, cfg)
 	cc, err := g.Dial(ctl.DefaultPort, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
