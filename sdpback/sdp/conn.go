@@ -94,6 +94,9 @@ type ConnStats struct {
 	ReadCopiedBytes      uint64 // payload copied out of receive buffers (Read, ReadTo)
 	GatherBytes          uint64 // payload sent straight from caller memory
 	SendSMs              uint64 // SrcAvails answered with SendSM
+	// Overdrafts counts messages built without a credit: always zero
+	// unless the credit accounting is wrong (the fuzz target checks it).
+	Overdrafts uint64
 }
 
 // Conn is one SDP stream. It implements net.Conn with half close
@@ -161,6 +164,8 @@ type Conn struct {
 	released     bool
 	disconnected bool               // the peer's CM disconnect arrived
 	discHandled  bool               // and was decided
+	discAt       time.Time          // when the drained CQ first showed the disconnect pending
+	rxFlushed    bool               // a receive flushed: nothing more can arrive
 	wakeRun      context.CancelFunc // cuts the completion loop's wait short
 }
 
@@ -273,7 +278,20 @@ func (c *Conn) run() {
 			dones = c.complete(w, dones)
 		}
 		if n == 0 && c.disconnected && !c.discHandled {
-			c.onDisconnect() // the CQ is drained
+			// The CQ is drained. Messages the peer sent before it
+			// disconnected may still be landing (the CM event can overtake
+			// a provider's completion): decide once the receive queue has
+			// flushed (nothing more can arrive) or a grace period passed.
+			if c.discAt.IsZero() {
+				c.discAt = time.Now()
+			}
+			if c.rxFlushed || c.graceful() || time.Since(c.discAt) > disconnectGrace {
+				c.onDisconnect()
+			} else {
+				c.mu.Unlock()
+				time.Sleep(time.Millisecond)
+				c.mu.Lock()
+			}
 		}
 		c.pump()
 		c.lockedBroadcast()
@@ -289,6 +307,16 @@ func (c *Conn) run() {
 			wr()
 		}
 	}
+}
+
+// disconnectGrace bounds the wait for completions that a peer's CM
+// disconnect overtook.
+const disconnectGrace = 200 * time.Millisecond
+
+// graceful reports whether a disconnect now would end the stream cleanly.
+// Caller holds c.mu.
+func (c *Conn) graceful() bool {
+	return c.state == stLastAck || c.state == stTimeWait || (c.state == stFinWait1 && c.peerFin)
 }
 
 // onDisconnect decides what the peer's CM disconnect means, once every
@@ -347,11 +375,16 @@ func (c *Conn) complete(w verbs.Completion, dones []func()) []func() {
 	if kind == wrRecv {
 		c.posted--
 		if w.Status != verbs.StatusSuccess {
-			// Flushes follow a disconnect (decided by onDisconnect) or our
-			// own teardown; anything else is a failure.
-			if w.Status != verbs.StatusFlushed || (c.state != stTimeWait && !c.disconnected) {
-				c.resetLocked(fmt.Errorf("receive: %w", w.Err()))
+			if w.Status == verbs.StatusFlushed {
+				// The queue pair is in the error state: the connection is
+				// over, whether or not the CM event has arrived yet. The
+				// completion loop decides, as for a disconnect, once
+				// everything before the flush was processed.
+				c.rxFlushed = true
+				c.disconnected = true
+				return dones
 			}
+			c.resetLocked(fmt.Errorf("receive: %w", w.Err()))
 			return dones
 		}
 		if c.state == stReset {
@@ -379,7 +412,14 @@ func (c *Conn) complete(w verbs.Completion, dones []func()) []func() {
 			dones = append(dones, func() { f(err) })
 		}
 	}
-	if w.Status != verbs.StatusSuccess && !(w.Status == verbs.StatusFlushed && (c.state == stReset || c.state == stTimeWait || c.disconnected)) {
+	if w.Status == verbs.StatusFlushed {
+		c.disconnected = true // as for a flushed receive: decided by onDisconnect
+	}
+	benign := w.Status == verbs.StatusFlushed
+	// Once both DisConns are through, the stream is complete both ways: a
+	// late send failing as the peer tears down loses nothing.
+	benign = benign || (c.peerFin && c.finSent)
+	if w.Status != verbs.StatusSuccess && !benign {
 		c.resetLocked(fmt.Errorf("send: %w", w.Err()))
 	}
 	return dones
@@ -526,6 +566,9 @@ func (c *Conn) sqDepth() int { return c.qp.Caps().MaxSendWR }
 func (c *Conn) remoteCredits() int { return c.advBufs - int(c.lastRecvMseq-c.advMseqAck) }
 
 func (c *Conn) needCreditUpdate() bool {
+	if c.peerFin {
+		return false // the peer sends nothing after its DisConn: it needs no credits
+	}
 	rc := c.remoteCredits()
 	if rc > 2 {
 		rc *= 2
@@ -583,6 +626,9 @@ func (c *Conn) build(m *txMsg) verbs.SendWR {
 	}
 	if m.mid == wire.MIDDisConn {
 		c.finSlot = m.slot
+	}
+	if c.credits < 1 {
+		c.stats.Overdrafts++
 	}
 	c.nextMseq++
 	c.credits--

@@ -51,6 +51,7 @@ func (a *ConnStats) add(b ConnStats) {
 	a.GatherBytes += b.GatherBytes
 	a.ReadCopiedBytes += b.ReadCopiedBytes
 	a.SendSMs += b.SendSMs
+	a.Overdrafts += b.Overdrafts
 }
 
 // New opens a stack on cfg.Device.
