@@ -3,8 +3,8 @@ package sdp
 import (
 	"context"
 	"errors"
-	"os"
 	"net/netip"
+	"os"
 	"sync"
 	"syscall"
 	"testing"
