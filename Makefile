@@ -7,7 +7,7 @@ PKGS  := ./...
 BENCHTIME ?= 500ms
 FUZZTIME  ?= 30s
 
-.PHONY: all deps build test test-host test-vm lint bench fuzz demo clean
+.PHONY: all deps build test test-host test-vm lint bench bench-vm fuzz demo clean
 
 all: build
 
@@ -55,3 +55,9 @@ demo: deps build
 
 clean:
 	rm -rf build/bin build/images
+
+# VM-tier figures (soft-RoCE between two TCG guests): verbs/ibv beside
+# perftest on the same link, and the SDP engine over it.
+bench-vm: deps build
+	@VSDP_VMTEST=1 $(GO) test -count=1 -timeout 15m -run 'TestVMIbv/peer$$' -v ./verbs/ibv/ | grep -A5 -E '64 KiB messages'
+	@VSDP_VMTEST=1 $(GO) test -count=1 -timeout 15m -run 'TestVMSDPOverIbv' -v ./sdpback/sdp/ | grep -E 'SDP over rxe'
