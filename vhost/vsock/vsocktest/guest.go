@@ -46,6 +46,18 @@ type Guest struct {
 	closed  bool
 	err     error
 	done    chan struct{}
+	async   sync.WaitGroup // replies sent from the rx loop's helpers
+}
+
+// spawn runs f on its own goroutine unless the driver is closing; Close
+// waits for it (it touches guest memory, which goes after Close).
+// Caller holds g.mu.
+func (g *Guest) spawn(f func()) {
+	if g.closed {
+		return
+	}
+	g.async.Add(1)
+	go func() { defer g.async.Done(); f() }()
 }
 
 // New starts a driver on a started fake device whose rings are vsock's rx
@@ -73,6 +85,7 @@ func (g *Guest) Close() {
 	g.cond.Broadcast()
 	g.mu.Unlock()
 	<-g.done
+	g.async.Wait()
 }
 
 func (g *Guest) fillRx() {
@@ -136,8 +149,17 @@ func (g *Guest) reapTx() {
 	g.mu.Unlock()
 }
 
+// errClosed: the driver was closed.
+var errClosed = errors.New("vsocktest: driver closed")
+
 // send queues one packet, waiting for tx descriptors.
 func (g *Guest) send(h vsock.Header, payload []byte) error {
+	g.mu.Lock()
+	closed := g.closed
+	g.mu.Unlock()
+	if closed {
+		return errClosed
+	}
 	h.SrcCID, h.DstCID, h.Type, h.Len = g.cid, vsock.HostCID, vsock.TypeStream, uint32(len(payload))
 	hb := make([]byte, vsock.HeaderSize)
 	h.Encode(hb)
@@ -193,14 +215,14 @@ func (g *Guest) packet(b []byte) {
 	case vsock.OpRequest:
 		ch := g.listen[h.DstPort]
 		if ch == nil {
-			go g.send(vsock.Header{SrcPort: h.DstPort, DstPort: h.SrcPort, Op: vsock.OpRST}, nil)
+			g.spawn(func() { g.send(vsock.Header{SrcPort: h.DstPort, DstPort: h.SrcPort, Op: vsock.OpRST}, nil) })
 			return
 		}
 		c := g.newConn(k, h.BufAlloc, h.FwdCnt)
-		go func() {
+		g.spawn(func() {
 			g.send(vsock.Header{SrcPort: h.DstPort, DstPort: h.SrcPort, Op: vsock.OpResponse, BufAlloc: BufAlloc}, nil)
 			ch <- c
-		}()
+		})
 	case vsock.OpRW:
 		if c == nil {
 			return
@@ -215,7 +237,7 @@ func (g *Guest) packet(b []byte) {
 		}
 	case vsock.OpCreditRequest:
 		if c != nil {
-			go c.creditUpdate()
+			g.spawn(c.creditUpdate)
 		}
 	}
 }
