@@ -22,6 +22,16 @@
 // before the vsock RST, so the guest library can report ECONNRESET rather
 // than EOF.
 //
+// # File streams
+//
+// VM.DialFile and VM.ListenFile open streams with no guest device in
+// between, for the socket filesystem (sdpback/sockfs): the same policy,
+// limits, listener registry (a port announced through a file and one
+// LISTENed through the control protocol collide) and accounting as vsock
+// streams, so they appear in VM.Streams. Their errors are *FileError
+// values carrying the errno a TCP user expects; a "local" rule has no
+// meaning without a guest stack and gives ENETUNREACH.
+//
 // # Threat model
 //
 // Guest processes are untrusted. Control frames are decoded strictly; a

@@ -62,15 +62,17 @@ type VM struct {
 	ctx   context.Context
 	stop  context.CancelFunc
 
-	mu        sync.Mutex
-	ctls      map[*ctlConn]struct{}
-	tickets   map[uint32]*ticket
-	listeners map[uint16]*guestListener
-	streams   map[*bridge]struct{}
-	nextTk    uint32
-	closed    bool
-	dials     sync.WaitGroup // fabric dials in flight
-	stats     VMStats
+	mu          sync.Mutex
+	ctls        map[*ctlConn]struct{}
+	tickets     map[uint32]*ticket
+	listeners   map[uint16]*guestListener
+	streams     map[*bridge]struct{}
+	files       map[*FileConn]struct{} // file streams (files.go)
+	filePending int                    // file dials in flight, each holding a stream slot
+	nextTk      uint32
+	closed      bool
+	dials       sync.WaitGroup // fabric dials in flight
+	stats       VMStats
 
 	fromGuest, toGuest atomic.Uint64
 }
@@ -112,7 +114,7 @@ func NewVM(cfg VMConfig, stack *sdp.Stack, dev Device) *VM {
 		cfg.MaxCtl = DefaultMaxCtlConns
 	}
 	vm := &VM{cfg: cfg, stack: stack, dev: dev, ctls: map[*ctlConn]struct{}{}, tickets: map[uint32]*ticket{},
-		listeners: map[uint16]*guestListener{}, streams: map[*bridge]struct{}{}}
+		listeners: map[uint16]*guestListener{}, streams: map[*bridge]struct{}{}, files: map[*FileConn]struct{}{}}
 	vm.ctx, vm.stop = context.WithCancel(context.Background())
 	return vm
 }
@@ -132,7 +134,7 @@ func (vm *VM) Stats() VMStats {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	s := vm.stats
-	s.Streams, s.Listeners, s.CtlConns = len(vm.streams), len(vm.listeners), len(vm.ctls)
+	s.Streams, s.Listeners, s.CtlConns = len(vm.streams)+len(vm.files), len(vm.listeners), len(vm.ctls)
 	s.FromGuest, s.ToGuest = vm.fromGuest.Load(), vm.toGuest.Load()
 	return s
 }
@@ -141,11 +143,37 @@ func (vm *VM) Stats() VMStats {
 func (vm *VM) Streams() []StreamStats {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
-	out := make([]StreamStats, 0, len(vm.streams))
+	out := make([]StreamStats, 0, len(vm.streams)+len(vm.files))
 	for b := range vm.streams {
 		out = append(out, b.stats())
 	}
+	for c := range vm.files {
+		out = append(out, c.Stats())
+	}
 	return out
+}
+
+// streamCountLocked is the number of stream slots in use: vsock streams,
+// file streams and file dials in flight. Caller holds vm.mu.
+func (vm *VM) streamCountLocked() int { return len(vm.streams) + len(vm.files) + vm.filePending }
+
+// reservePortLocked reserves port (0: the first free one from
+// listenPortLo) in the listener registry for gl. Caller holds vm.mu.
+func (vm *VM) reservePortLocked(port uint16, gl *guestListener) (uint16, bool) {
+	if port == 0 {
+		for p := uint16(listenPortLo); p != 0; p++ {
+			if vm.listeners[p] == nil {
+				port = p
+				break
+			}
+		}
+	}
+	if port == 0 || vm.listeners[port] != nil {
+		return 0, false
+	}
+	gl.port = port
+	vm.listeners[port] = gl
+	return port, true
 }
 
 // Close ends every stream, listener and control connection of the VM
@@ -170,7 +198,12 @@ func (vm *VM) Close() {
 	for _, t := range vm.tickets {
 		ts = append(ts, t)
 	}
+	var fs []*FileConn
+	for c := range vm.files {
+		fs = append(fs, c)
+	}
 	clear(vm.streams)
+	clear(vm.files)
 	clear(vm.listeners)
 	clear(vm.tickets)
 	clear(vm.ctls)
@@ -180,7 +213,12 @@ func (vm *VM) Close() {
 		b.close()
 	}
 	for _, l := range ls {
-		l.l.Close()
+		if l.l != nil { // nil while a listener is still opening
+			l.l.Close()
+		}
+	}
+	for _, c := range fs {
+		c.Close()
 	}
 	for _, t := range ts {
 		t.expires.Stop()
@@ -277,7 +315,7 @@ func (vm *VM) dial(c *ctlConn, m ctl.Msg) {
 		c.send(ctl.Msg{Type: ctl.TypeLocal, ID: m.ID})
 		return
 	}
-	if len(vm.tickets) >= vm.cfg.MaxTickets || len(vm.streams) >= vm.cfg.MaxStreams || vm.closed {
+	if len(vm.tickets) >= vm.cfg.MaxTickets || vm.streamCountLocked() >= vm.cfg.MaxStreams || vm.closed {
 		vm.stats.Denied++
 		vm.mu.Unlock()
 		c.send(ctl.Msg{Type: ctl.TypeDeny, ID: m.ID, Errno: int32(syscall.EAGAIN)})
@@ -461,22 +499,13 @@ func (vm *VM) listen(c *ctlConn, m ctl.Msg) {
 		c.send(ctl.Msg{Type: ctl.TypeDeny, ID: m.ID, Errno: int32(syscall.ENOBUFS)})
 		return
 	}
-	port := m.Local.Port()
-	if port == 0 {
-		for p := uint16(listenPortLo); p != 0; p++ {
-			if vm.listeners[p] == nil {
-				port = p
-				break
-			}
-		}
-	}
-	if port == 0 || vm.listeners[port] != nil {
+	gl := &guestListener{vm: vm, ctl: c, guestPort: m.Port}
+	port, ok := vm.reservePortLocked(m.Local.Port(), gl) // reserved while the fabric listener opens
+	if !ok {
 		vm.mu.Unlock()
 		c.send(ctl.Msg{Type: ctl.TypeDeny, ID: m.ID, Errno: int32(syscall.EADDRINUSE)})
 		return
 	}
-	gl := &guestListener{vm: vm, ctl: c, port: port, guestPort: m.Port}
-	vm.listeners[port] = gl // reserved while the fabric listener opens
 	vm.mu.Unlock()
 	l, err := vm.stack.Listen(port, int(max(1, min(m.Backlog, 1024))))
 	if err != nil {
@@ -502,7 +531,7 @@ func (gl *guestListener) loop() {
 		vm := gl.vm
 		vm.mu.Lock()
 		dev := vm.dev
-		full := len(vm.streams) >= vm.cfg.MaxStreams
+		full := vm.streamCountLocked() >= vm.cfg.MaxStreams
 		vm.mu.Unlock()
 		if dev == nil || full {
 			c.Abort()
