@@ -138,6 +138,31 @@ func (fs *FS) Close() error {
 	return nil
 }
 
+// Reset ends the FUSE session (the guest reset its device, or a request
+// ring stopped): like Close it hangs up every connection and completes
+// every parked request, and it forgets every handle and connection
+// directory, whose node IDs answer ESTALE from then on; unlike Close the
+// filesystem then serves the next session. A no-op after Close.
+func (fs *FS) Reset() {
+	fs.mu.Lock()
+	if fs.closed {
+		fs.mu.Unlock()
+		return
+	}
+	cs := make([]*conn, 0, len(fs.conns))
+	for _, c := range fs.conns {
+		cs = append(cs, c)
+	}
+	fs.conns, fs.incs, fs.handles = map[int]*conn{}, map[uint64]*conn{}, map[uint64]*handle{}
+	cancel := fs.cancel
+	fs.ctx, fs.cancel = context.WithCancel(context.Background())
+	fs.mu.Unlock()
+	cancel()
+	for _, c := range cs {
+		c.hangup()
+	}
+}
+
 // handle is one open file.
 type handle struct {
 	k           kind   // kCtl, kData or a text kind; 0 with node for top-level files

@@ -649,3 +649,61 @@ func TestInterruptListen(t *testing.T) {
 		t.Fatalf("status after the interrupt %q", s)
 	}
 }
+
+// TestResetSession: Reset (a new FUSE session) completes parked requests
+// like Close, makes the old session's nodes and handles stale, and leaves
+// the filesystem serving: a new clone works and gets number 0 again.
+func TestResetSession(t *testing.T) {
+	noLeaks(t)
+	w := newWorld(t, sdpback.Policy{rule(t, "sdp 10.9.0.0/24")}, sockfs.Options{})
+	dialServe(t, w.peerSt, 7, echo)
+	g := w.as(1000)
+	ctl, n := g.clone()
+	if errno := ctl.write("connect 10.9.0.20!7"); errno != 0 {
+		t.Fatal(errno)
+	}
+	data := g.mustOpen("tcp/"+n+"/data", syscall.O_RDWR)
+	old, _, errno := g.lookup("tcp/" + n + "/status")
+	if errno != 0 {
+		t.Fatal(errno)
+	}
+	done := make(chan syscall.Errno, 1)
+	go func() {
+		_, errno := data.read(100)
+		done <- errno
+	}()
+	time.Sleep(30 * time.Millisecond)
+	w.fs.Reset()
+	select {
+	case errno := <-done:
+		if errno != 0 {
+			t.Fatalf("parked read after Reset: %v, want EOF", errno)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Reset left a read parked")
+	}
+	if _, errno := g.openNode(old, syscall.O_RDONLY); errno != syscall.ESTALE {
+		t.Fatalf("old session's node after Reset: %v, want ESTALE", errno)
+	}
+	if _, errno := data.read(1); errno != syscall.EBADF {
+		t.Fatalf("old session's handle after Reset: %v, want EBADF", errno)
+	}
+	ctl2, n2 := g.clone()
+	defer ctl2.release()
+	if n2 != "0" {
+		t.Fatalf("first clone after Reset is %q, want 0", n2)
+	}
+	if errno := ctl2.write("connect 10.9.0.20!7"); errno != 0 {
+		t.Fatalf("connect after Reset: %v", errno)
+	}
+	data2 := g.mustOpen("tcp/"+n2+"/data", syscall.O_RDWR)
+	defer data2.release()
+	if _, errno := data2.writev([]byte("again")); errno != 0 {
+		t.Fatal(errno)
+	}
+	if b, errno := data2.read(5); errno != 0 || string(b) != "again" {
+		t.Fatalf("echo after Reset: %q %v", b, errno)
+	}
+	ctl.release() // stale handles: released without effect
+	data.release()
+}
