@@ -94,6 +94,11 @@ func TestDependencyDirection(t *testing.T) {
 		if lib {
 			for _, d := range p.Imports {
 				for _, deny := range noLog.deny {
+					// go-fuse takes a *log.Logger; the virtio-fs device
+					// hands it one that writes to io.Discard.
+					if d == "log" && rel == "vhost/virtiofs" {
+						continue
+					}
 					if d == deny {
 						t.Errorf("%s imports %s: %s", p.ImportPath, d, noLog.why)
 					}
