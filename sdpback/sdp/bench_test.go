@@ -63,6 +63,12 @@ func benchStream(b *testing.B, w, r net.Conn, size int) {
 		b.Fatalf("received %d of %d bytes", n, int64(b.N)*int64(size))
 	}
 	b.ReportMetric((cpuSeconds()-cpu0)/(float64(n)/1e9), "cpu-s/GB")
+	if sw, ok := w.(*sdp.Conn); ok {
+		// Host copies per payload byte: into the send buffers and out of
+		// the receive buffers (BenchmarkCopies has the gather path).
+		sr := r.(*sdp.Conn)
+		b.ReportMetric(float64(sw.Stats().CopiedBytes+sr.Stats().ReadCopiedBytes)/float64(n), "copies/B")
+	}
 }
 
 // BenchmarkStream compares SDP BCopy on the soft provider with kernel TCP

@@ -25,6 +25,10 @@
 // send odd but legal values, and to build malformed messages by patching
 // the bytes Marshal returns.
 //
+// The peer itself — a connection on verbs that behaves as ib_sdp does —
+// is the subpackage ibsdp, which speaks through this codec; this package
+// stays free of any vsdp import (TestIndependent).
+//
 // Threat model: test-only. Inputs come from the engine under test; parsers
 // still never panic on any input (fuzzed by FuzzCross). Concurrency:
 // stateless, safe for concurrent use. The package never logs.
