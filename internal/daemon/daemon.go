@@ -20,10 +20,12 @@ import (
 	"github.com/sirupsen/logrus"
 	"github.com/vsdp/vsdp/sdpback"
 	"github.com/vsdp/vsdp/sdpback/sdp"
+	"github.com/vsdp/vsdp/sdpback/sockfs"
 	"github.com/vsdp/vsdp/verbs"
 	"github.com/vsdp/vsdp/verbs/soft"
 	"github.com/vsdp/vsdp/vhost"
 	"github.com/vsdp/vsdp/vhost/guestmem"
+	"github.com/vsdp/vsdp/vhost/virtiofs"
 	"github.com/vsdp/vsdp/vhost/vsock"
 )
 
@@ -58,11 +60,14 @@ type ExportConfig struct {
 
 // VMConfig is one VM.
 type VMConfig struct {
-	Name   string   `json:"name"`
-	Socket string   `json:"socket"` // vhost-user socket for vhost-user-vsock-pci
-	CID    uint64   `json:"cid"`
-	Addr   string   `json:"addr"` // the VM's fabric address
-	Policy []string `json:"policy"`
+	Name   string `json:"name"`
+	Socket string `json:"socket"` // vhost-user socket for vhost-user-vsock-pci
+	// FSSocket, when set, serves the socket filesystem (/net) on this
+	// vhost-user socket for vhost-user-fs-pci (queue-size=1024).
+	FSSocket string   `json:"fs_socket"`
+	CID      uint64   `json:"cid"`
+	Addr     string   `json:"addr"` // the VM's fabric address
+	Policy   []string `json:"policy"`
 }
 
 // LoadConfig reads a configuration file; unknown fields are errors.
@@ -99,10 +104,13 @@ type VM struct {
 	Back   *sdpback.VM
 	stack  *sdp.Stack
 	srv    *vhost.Server
+	fsSrv  *vhost.Server // the socket filesystem's; nil without FSSocket
+	fsSock string
 	log    *logrus.Entry
 
 	mu  sync.Mutex
 	dev *vsock.Device
+	fs  *sockfs.FS // the current front-end's socket filesystem
 	reg *memReg
 }
 
@@ -296,22 +304,7 @@ func (d *Daemon) startVM(vc VMConfig, addr netip.Addr) (*VM, error) {
 			v.Back.SetDevice(deviceAdapter{dev, reg})
 			return dev, nil
 		},
-		Trace: func(e vhost.Event) {
-			switch e.Kind {
-			case vhost.EventConnect, vhost.EventDisconnect, vhost.EventRingStart, vhost.EventRingStop:
-				v.log.WithField("session", e.Session).Info(e.String())
-			case vhost.EventRingBroken:
-				if limit.allow() { // a guest can trigger this: rate-limited
-					v.log.WithField("session", e.Session).Warn(e.String())
-				}
-			case vhost.EventMessage:
-				if e.Err != nil && limit.allow() {
-					v.log.WithField("session", e.Session).Warn(e.String())
-				} else {
-					v.log.WithField("session", e.Session).Debug(e.String())
-				}
-			}
-		},
+		Trace: v.trace(limit, "vsock"),
 	}
 	os.Remove(vc.Socket) // a stale socket from an earlier run; QEMU connects to a fresh one
 	ln, err := listenUnix(vc.Socket)
@@ -324,8 +317,85 @@ func (d *Daemon) startVM(vc VMConfig, addr netip.Addr) (*VM, error) {
 			v.log.WithError(err).Error("vhost-user server stopped")
 		}
 	}()
-	v.log.WithFields(logrus.Fields{"socket": vc.Socket, "addr": addr, "policy": strings.TrimSpace(pol.String())}).Info("serving vm")
+	if vc.FSSocket != "" {
+		if err := v.serveFS(vc.FSSocket, limit); err != nil {
+			v.srv.Close()
+			st.Close()
+			return nil, err
+		}
+	}
+	v.log.WithFields(logrus.Fields{"socket": vc.Socket, "fs_socket": vc.FSSocket, "addr": addr,
+		"policy": strings.TrimSpace(pol.String())}).Info("serving vm")
 	return v, nil
+}
+
+// serveFS serves the VM's socket filesystem on a vhost-user-fs socket.
+// Each front-end gets a fresh filesystem; a ring stop or device reset ends
+// the FUSE session (sockfs.Reset completes every parked request, which
+// virtiofs cannot interrupt), and the next front-end's arrival closes the
+// previous one's filesystem for good.
+func (v *VM) serveFS(path string, limit *limiter) error {
+	v.fsSock = path
+	v.fsSrv = &vhost.Server{
+		NewDevice: func() (vhost.Device, error) {
+			fs := sockfs.New(v.Back, sockfs.Options{})
+			dev, err := virtiofs.New(fs, virtiofs.Options{OnStop: fs.Reset})
+			if err != nil {
+				fs.Close()
+				return nil, err
+			}
+			v.mu.Lock()
+			old := v.fs
+			v.fs = fs
+			v.mu.Unlock()
+			if old != nil {
+				old.Close()
+			}
+			return dev, nil
+		},
+		Trace: v.trace(limit, "fs"),
+	}
+	os.Remove(path)
+	ln, err := listenUnix(path)
+	if err != nil {
+		return err
+	}
+	go func() {
+		if err := v.fsSrv.Serve(ln); err != nil && !errors.Is(err, vhost.ErrClosed) {
+			v.log.WithError(err).Error("vhost-user-fs server stopped")
+		}
+	}()
+	return nil
+}
+
+// trace logs a vhost-user server's events for device dev ("vsock", "fs");
+// what a guest can trigger is rate-limited.
+func (v *VM) trace(limit *limiter, dev string) func(vhost.Event) {
+	return func(e vhost.Event) {
+		l := v.log.WithFields(logrus.Fields{"session": e.Session, "device": dev})
+		switch e.Kind {
+		case vhost.EventConnect, vhost.EventDisconnect, vhost.EventRingStart, vhost.EventRingStop:
+			l.Info(e.String())
+		case vhost.EventRingBroken:
+			if limit.allow() {
+				l.Warn(e.String())
+			}
+		case vhost.EventMessage:
+			if e.Err != nil && limit.allow() {
+				l.Warn(e.String())
+			} else {
+				l.Debug(e.String())
+			}
+		}
+	}
+}
+
+// FS returns the socket filesystem of the VM's current vhost-user-fs
+// front-end (nil before one connects or without FSSocket).
+func (v *VM) FS() *sockfs.FS {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.fs
 }
 
 // HostStack returns the SDP stack on the host's own fabric address (the
@@ -346,6 +416,16 @@ func (d *Daemon) SoftDevice() *soft.Device { return d.soft }
 func (d *Daemon) Close() {
 	for _, v := range d.vms {
 		v.srv.Close()
+		if v.fsSrv != nil {
+			v.fsSrv.Close()
+			os.Remove(v.fsSock)
+		}
+		v.mu.Lock()
+		fs := v.fs
+		v.mu.Unlock()
+		if fs != nil {
+			fs.Close()
+		}
 		v.Back.Close()
 		v.mu.Lock()
 		v.reg.close()
