@@ -29,7 +29,9 @@
 // console (ttyS0) goes to NAME.console.log in the test's log directory
 // (build/vmtest/logs/TESTNAME/), QEMU's own output to NAME.qemu.log;
 // -no-reboot unless Options.Reboot. Guests have no network unless Options
-// give NICs: slirp with restrict=on and forwards on 127.0.0.1 only, or a
+// give NICs: slirp with restrict=on and forwards on 127.0.0.1 only (guest
+// forwards reach a host port on 127.0.0.1 through a socat relay per
+// connection), or a
 // point-to-point link to another guest (-netdev stream over a Unix socket
 // by default: reliable and without the ~22 ms Nagle stalls of the TCP
 // form; -netdev dgram over Unix sockets is the alternative). vhost-user

@@ -2,6 +2,7 @@ package vmtest
 
 import (
 	"fmt"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -50,10 +51,29 @@ type NIC struct {
 }
 
 // UserNet is slirp with restrict=on: the guest reaches nothing outside; the
-// host reaches the guest through forwards bound to 127.0.0.1.
+// host reaches the guest through forwards bound to 127.0.0.1, and the guest
+// reaches the host only through GuestForwards.
 type UserNet struct {
-	Forwards []Forward
+	Forwards      []Forward
+	GuestForwards []GuestForward
 }
+
+// GuestForward lets the guest reach one host TCP service through slirp
+// (guestfwd, which restrict=on allows): a connection to Addr:Port in the
+// guest reaches 127.0.0.1:HostPort on the host. QEMU spawns a relay (socat,
+// which must be installed) per connection, so each guest connection is its
+// own host connection.
+type GuestForward struct {
+	Addr     string // in slirp's 10.0.2.0/24; default GuestForwardAddr
+	Port     int
+	HostPort int
+}
+
+// GuestForwardAddr is GuestForward's default guest-side address.
+const GuestForwardAddr = "10.0.2.100"
+
+// guestForwardRE accepts an address in slirp's default network.
+var guestForwardRE = regexp.MustCompile(`^10\.0\.2\.([0-9]{1,3})$`)
 
 // Forward forwards 127.0.0.1:HostPort on the host to GuestPort in the guest.
 type Forward struct {
@@ -158,6 +178,19 @@ func (o *Options) validate() error {
 					return bad("nics[%d]: forward ports %d->%d out of range", i, f.HostPort, f.GuestPort)
 				}
 			}
+			for _, g := range u.GuestForwards {
+				if g.Port < 1 || g.Port > 65535 || g.HostPort < 1 || g.HostPort > 65535 {
+					return bad("nics[%d]: guest forward ports %d->%d out of range", i, g.Port, g.HostPort)
+				}
+				if m := guestForwardRE.FindStringSubmatch(g.Addr); g.Addr != "" && (m == nil || len(m[1]) > 1 && m[1][0] == '0' || atoi(m[1]) > 254 || atoi(m[1]) < 4) {
+					return bad("nics[%d]: guest forward address %q not a free host of 10.0.2.0/24", i, g.Addr)
+				}
+			}
+			if len(u.GuestForwards) > 0 {
+				if _, err := exec.LookPath("socat"); err != nil {
+					return fmt.Errorf("%w: guest forwards need socat: %v", ErrSetup, err)
+				}
+			}
 		}
 		if l := n.Link; l != nil {
 			if err := checkSocketPath(l.Path); err != nil {
@@ -206,6 +239,15 @@ func (o *Options) validate() error {
 		}
 	}
 	return nil
+}
+
+// atoi converts a short run of digits.
+func atoi(s string) int {
+	n := 0
+	for _, c := range s {
+		n = n*10 + int(c-'0')
+	}
+	return n
 }
 
 var macRE = regexp.MustCompile(`^[0-9a-f]{2}(:[0-9a-f]{2}){5}$`)
@@ -312,6 +354,13 @@ func (o *Options) qemuArgs(p paths, accel string) []string {
 					proto = "udp"
 				}
 				nd += fmt.Sprintf(",hostfwd=%s:127.0.0.1:%d-:%d", proto, f.HostPort, f.GuestPort)
+			}
+			for _, g := range n.User.GuestForwards {
+				addr := g.Addr
+				if addr == "" {
+					addr = GuestForwardAddr
+				}
+				nd += fmt.Sprintf(",guestfwd=tcp:%s:%d-cmd:socat STDIO TCP:127.0.0.1:%d", addr, g.Port, g.HostPort)
 			}
 			a = append(a, "-netdev", nd)
 		case n.Link != nil && n.Link.Kind == LinkStream:

@@ -7,6 +7,16 @@
 // the benchmark sets no bytes) and the ratio to the baseline, so a noisy
 // machine still yields a meaningful comparison. Extra metrics reported with
 // b.ReportMetric are listed under the table.
+//
+// The VM tier (-vm) runs the VM benchmarks instead (two soft-RoCE guests,
+// and one guest on vsdpd's vsock device), whose figures come from guest
+// programs rather than Go benchmarks. Their host tests print one line per
+// row, and benchtab prints each table with the ratio:
+//
+//	BENCHVM <table>|<row>|<ours>|<value>|<baseline>|<value>|<unit>
+//	BENCHVM-NOTE <table>|<note printed under the table>
+//
+// The whole go test log of a -vm run is kept in build/bench-vm.log.
 package main
 
 import (
@@ -40,21 +50,26 @@ var lineRE = regexp.MustCompile(`^(Benchmark\S+?)(?:-\d+)?\s+(\d+)\s+(.*)$`)
 func main() {
 	benchtime := flag.String("benchtime", "1s", "go test -benchtime")
 	run := flag.String("bench", ".", "go test -bench pattern")
-	in := flag.String("in", "", "read benchmark output from this file instead of running go test")
+	in := flag.String("in", "", "read benchmark output from this file instead of running go test (its VM tables too)")
+	vm := flag.Bool("vm", false, "run the VM-tier benchmarks (QEMU guests, minutes) instead of the Go benchmarks")
 	flag.Parse()
+	if *vm && *in == "" {
+		os.Exit(runVM())
+	}
 	pkgs := flag.Args()
 	if len(pkgs) == 0 {
 		pkgs = []string{"./..."}
 	}
 	var r io.Reader
+	var saved string // the -in file, for its VM tables
 	if *in != "" {
-		f, err := os.Open(*in)
+		b, err := os.ReadFile(*in)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
-		defer f.Close()
-		r = f
+		saved = string(b)
+		r = strings.NewReader(saved)
 	} else {
 		args := append([]string{"test", "-run", "^$", "-bench", *run, "-benchtime", *benchtime, "-benchmem"}, pkgs...)
 		cmd := exec.Command("go", args...)
@@ -79,6 +94,9 @@ func main() {
 	fams, order := parse(r, os.Stdout)
 	for _, name := range order {
 		print(os.Stdout, fams[name])
+	}
+	for _, tb := range parseVM(strings.NewReader(saved)) {
+		printVM(os.Stdout, tb)
 	}
 }
 

@@ -31,3 +31,40 @@ ok  	github.com/vsdp/vsdp/vhost/echo	3.2s
 		t.Errorf("latency table:\n%s", out.String())
 	}
 }
+
+func TestVMTables(t *testing.T) {
+	in := `=== RUN   TestVMIbv/peer
+        RATE send 65536 5.03
+BENCHVM bw|SEND 64 KiB|verbs/ibv|5.03|ib_send_bw|5.44|MiB/s
+BENCHVM lat|poll mode|verbs/ibv|2400.00|ib_send_lat|1200.00|µs
+BENCHVM bw|SEND 4 KiB|verbs/ibv|2.00|ib_send_bw|0|MiB/s
+BENCHVM bw|too|few|fields
+BENCHVM bw|bad|x|abc|y|1|MiB/s
+BENCHVM-NOTE bw|two TCG guests
+BENCHVM-NOTE malformed
+--- PASS: TestVMIbv (71.76s)
+`
+	tables := parseVM(strings.NewReader(in))
+	if len(tables) != 2 || tables[0].name != "bw" || tables[1].name != "lat" {
+		t.Fatalf("tables %+v", tables)
+	}
+	if len(tables[0].rows) != 2 || len(tables[0].notes) != 1 {
+		t.Fatalf("bw table %+v: malformed lines were not dropped", tables[0])
+	}
+	var out bytes.Buffer
+	printVM(&out, tables[0])
+	s := out.String()
+	for _, want := range []string{"## bw", "| SEND 64 KiB | verbs/ibv: 5.03 MiB/s | ib_send_bw: 5.44 MiB/s | **0.92x** |", "| SEND 4 KiB |", "| – |", "- two TCG guests"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("bw table lacks %q:\n%s", want, s)
+		}
+	}
+	if strings.Contains(s, "below 1") {
+		t.Errorf("a bandwidth table says ratios below 1 are faster:\n%s", s)
+	}
+	out.Reset()
+	printVM(&out, tables[1])
+	if s := out.String(); !strings.Contains(s, "**2.00x**") || !strings.Contains(s, "below 1 means ours is faster") {
+		t.Errorf("latency table:\n%s", s)
+	}
+}

@@ -18,7 +18,8 @@ const sdpGuestBinary = "/bin/sdp.test"
 // with soft-RoCE, the engine on verbs/ibv (RDMA_PS_TCP and the compact
 // Hello, since rdma-core cannot listen on SDP service IDs). nettest runs in
 // one guest (rxe loopback); the echo integrity test and 64-byte round trips
-// run across the link.
+// run across the link; then the ULP comparison (bench_vm_test.go): SDP
+// beside perftest's native verbs and kernel TCP on the same link.
 func TestVMSDPOverIbv(t *testing.T) {
 	vmtest.Require(t)
 	f := vmtest.StartFabric(t, vmtest.FabricOptions{
@@ -31,7 +32,7 @@ func TestVMSDPOverIbv(t *testing.T) {
 		},
 	})
 	a, b := f.Guests[0], f.Guests[1]
-	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 9*time.Minute)
 	defer cancel()
 	env := func(i int, extra ...string) []string {
 		return append([]string{envDevice + "=" + vmtest.RXEDevice, envAddr + "=" + f.IPs[i]}, extra...)
@@ -77,4 +78,5 @@ func TestVMSDPOverIbv(t *testing.T) {
 		check(t, "client "+a.Name, string(cr.Stdout)+string(cr.Stderr), cr.Err(), "TestGuestSDPPeer")
 		check(t, "server "+b.Name, string(sr.Stdout)+string(sr.Stderr), sr.Err(), "TestGuestSDPPeer")
 	})
+	t.Run("ULP comparison", func(t *testing.T) { ulpCompare(ctx, t, f) })
 }

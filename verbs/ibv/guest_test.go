@@ -1051,214 +1051,6 @@ func TestGuestCQOverflow(t *testing.T) {
 	}
 }
 
-// TestGuestPeer is one half of a two-guest transfer (TestVMIbv runs the
-// server in one guest and the client in the other): the client sends 8 MiB
-// with SEND and writes 8 MiB with RDMA WRITE into the server's memory, then
-// reads it back with RDMA READ, each as a pipeline of 64 KiB requests with a
-// window of 16; both sides check SHA-256 digests. The client prints each
-// phase's rate as "RATE op MiB/s" for TestVMIbv's table.
-func TestGuestPeer(t *testing.T) {
-	d, addr := guestEnv(t)
-	role := os.Getenv(envRole)
-	if role == "" {
-		t.Skipf("needs %s and %s: runs in TestVMIbv's two guests", envRole, envPeer)
-	}
-	const (
-		total  = 8 << 20
-		chunk  = 64 << 10
-		slots  = 64 // server receive buffers; client READ targets
-		window = 16 // requests in flight
-	)
-	o := pairOpts{bufSize: total + slots*chunk, cqSize: 256}
-	s := newSide(t, d, &o)
-	qo := verbs.QPOptions{SendCQ: s.cq, RecvCQ: s.cq, MaxSendWR: 64, MaxRecvWR: slots,
-		MinRNRTimer: time.Millisecond} // a sender that outruns the reposts waits 1.28 ms, not 655
-	slot := func(i int) verbs.SGE { return s.sge(total+i%slots*chunk, chunk) }
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	sid := verbs.TCPServiceID(envPort)
-	// The REP carries the server's region (address, rkey); the last SEND
-	// carries the client's digests.
-	switch role {
-	case "server":
-		ln, err := d.Listen(verbs.ListenOptions{Addr: addr, ServiceID: sid})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		c, err := ln.Accept(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		s.conn = c
-		if s.qp, err = c.CreateQP(s.pd, qo); err != nil {
-			t.Fatal(err)
-		}
-		rw := make([]verbs.RecvWR, slots)
-		for i := range rw {
-			rw[i] = verbs.RecvWR{ID: uint64(i), SGL: []verbs.SGE{slot(i)}}
-		}
-		if err := s.qp.PostRecv(rw); err != nil {
-			t.Fatal(err)
-		}
-		rep := make([]byte, 12)
-		putU64(rep, s.mr.Addr())
-		putU32(rep[8:], s.mr.RKey())
-		if err := c.Accept(ctx, verbs.ConnParam{PrivateData: rep, RNRRetry: 7}); err != nil {
-			t.Fatal(err)
-		}
-		h := sha256.New()
-		var n int
-		var digest []byte
-		wc := make([]verbs.Completion, 32)
-		start := time.Now()
-		for digest == nil {
-			k, err := verbs.PollWait(ctx, s.cq, wc)
-			if err != nil {
-				t.Fatal(err)
-			}
-			rw = rw[:0]
-			for _, c := range wc[:k] {
-				if c.Err() != nil {
-					t.Fatal(c.Err())
-				}
-				data := s.buf()[total+int(c.ID)*chunk:][:c.ByteLen]
-				if n == total {
-					digest = append([]byte(nil), data...)
-					break
-				}
-				h.Write(data)
-				n += int(c.ByteLen)
-				rw = append(rw, verbs.RecvWR{ID: c.ID, SGL: []verbs.SGE{slot(int(c.ID))}})
-			}
-			if err := s.qp.PostRecv(rw); err != nil {
-				t.Fatal(err)
-			}
-		}
-		t.Logf("received %d bytes by SEND in %v", n, time.Since(start))
-		if len(digest) != 64 {
-			t.Fatalf("digest message of %d bytes", len(digest))
-		}
-		if !bytes.Equal(h.Sum(nil), digest[:32]) {
-			t.Error("SEND stream digest differs")
-		}
-		if sum := sha256.Sum256(s.buf()[:total]); !bytes.Equal(sum[:], digest[32:]) {
-			t.Error("RDMA WRITE area digest differs")
-		}
-		if e := nextEventOf(t, c, verbs.EventDisconnected, 60*time.Second); e.Type != verbs.EventDisconnected {
-			t.Errorf("no DISCONNECTED: %v", e)
-		}
-	case "client":
-		peer, err := netip.ParseAddr(os.Getenv(envPeer))
-		if err != nil {
-			t.Fatal(err)
-		}
-		// The server may not listen yet: retry while refused.
-		var c verbs.Conn
-		var rep []byte
-		for attempt := 0; ; attempt++ {
-			c, rep, err = verbs.Dial(ctx, d, verbs.DialConfig{
-				Resolve: verbs.ResolveOptions{Addr: peer, ServiceID: sid},
-				PD:      s.pd,
-				QP:      qo,
-				Param:   verbs.ConnParam{RNRRetry: 7, RetryCount: 7}, // the link may drop packets
-			})
-			if err == nil {
-				break
-			}
-			if !errors.Is(err, verbs.ErrRefused) || attempt >= 300 {
-				t.Fatalf("Dial (attempt %d): %v", attempt+1, err)
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-		s.conn, s.qp = c, c.QP()
-		raddr, rkey := getU64(rep), getU32(rep[8:])
-
-		// pump keeps window requests in flight until n have completed;
-		// done runs for each completion, in order.
-		pump := func(op string, n int, mk func(i int) verbs.SendWR, done func(i int)) {
-			t.Helper()
-			wc := make([]verbs.Completion, window)
-			batch := make([]verbs.SendWR, 0, window)
-			posted, completed := 0, 0
-			start := time.Now()
-			for completed < n {
-				batch = batch[:0]
-				for posted < n && posted-completed < window {
-					batch = append(batch, mk(posted))
-					posted++
-				}
-				if err := s.qp.PostSend(batch); err != nil {
-					t.Fatal(err)
-				}
-				k, err := verbs.PollWait(ctx, s.cq, wc)
-				if err != nil {
-					t.Fatal(err)
-				}
-				for _, c := range wc[:k] {
-					if c.Err() != nil {
-						t.Fatal(c.Err())
-					}
-					if done != nil {
-						done(completed)
-					}
-					completed++
-				}
-			}
-			el := time.Since(start)
-			rate := float64(n*chunk) / (1 << 20) / el.Seconds()
-			t.Logf("%s %d x %d KiB, window %d: %v", op, n, chunk>>10, window, el.Round(time.Millisecond))
-			fmt.Printf("RATE %s %.2f\n", op, rate)
-		}
-		n := total / chunk
-
-		rand.Read(s.buf()[:total])
-		sendSum := sha256.Sum256(s.buf()[:total])
-		pump("send", n, func(i int) verbs.SendWR {
-			return verbs.SendWR{ID: uint64(i), Op: verbs.OpSend, Flags: verbs.SendSignaled, SGL: []verbs.SGE{s.sge(i*chunk, chunk)}}
-		}, nil)
-
-		// RDMA WRITE the same bytes, reversed in 64 KiB blocks, so the
-		// server's area differs from the SEND stream.
-		pump("write", n, func(i int) verbs.SendWR {
-			return verbs.SendWR{ID: uint64(i), Op: verbs.OpWrite, Flags: verbs.SendSignaled,
-				SGL: []verbs.SGE{s.sge(total-chunk-i*chunk, chunk)}, RemoteAddr: raddr + uint64(i*chunk), RKey: rkey}
-		}, nil)
-		h := sha256.New()
-		for off := 0; off < total; off += chunk {
-			h.Write(s.buf()[total-chunk-off:][:chunk])
-		}
-		writeSum := h.Sum(nil)
-
-		// READ it back through the slots, hashing each as it completes.
-		rh := sha256.New()
-		pump("read", n, func(i int) verbs.SendWR {
-			return verbs.SendWR{ID: uint64(i), Op: verbs.OpRead, Flags: verbs.SendSignaled,
-				SGL: []verbs.SGE{slot(i)}, RemoteAddr: raddr + uint64(i*chunk), RKey: rkey}
-		}, func(i int) { rh.Write(s.buf()[total+i%slots*chunk:][:chunk]) })
-		if !bytes.Equal(rh.Sum(nil), writeSum) {
-			t.Error("RDMA READ back differs from what was written")
-		}
-
-		copy(s.buf(), sendSum[:])
-		copy(s.buf()[32:], writeSum)
-		if err := s.qp.PostSend([]verbs.SendWR{{ID: 1, Op: verbs.OpSend, Flags: verbs.SendSignaled, SGL: []verbs.SGE{s.sge(0, 64)}}}); err != nil {
-			t.Fatal(err)
-		}
-		if c := poll(t, s.cq, 1)[0]; c.Err() != nil {
-			t.Fatal(c.Err())
-		}
-		if err := c.Disconnect(); err != nil {
-			t.Error(err)
-		}
-		if e := nextEventOf(t, c, verbs.EventDisconnected, 30*time.Second); e.Type != verbs.EventDisconnected {
-			t.Errorf("no DISCONNECTED: %v", e)
-		}
-	default:
-		t.Fatalf("%s=%q", envRole, role)
-	}
-}
-
 // nextEventOf waits for an event of type typ, skipping others.
 func nextEventOf(t *testing.T, c verbs.Conn, typ verbs.EventType, d time.Duration) verbs.Event {
 	t.Helper()
@@ -1381,9 +1173,14 @@ func TestGuestConcurrentClose(t *testing.T) {
 }
 
 // conformanceConfig is the verbstest configuration for rdma-core: IP
-// addressing in RDMA_PS_TCP.
-func conformanceConfig(base uint16) verbstest.Config {
-	return verbstest.Config{ServiceID: verbs.TCPServiceID, BasePort: base}
+// addressing in RDMA_PS_TCP, and the provider whose known deviations the
+// suite reports (soft-RoCE's for an rxe device).
+func conformanceConfig(d *Device, base uint16) verbstest.Config {
+	cfg := verbstest.Config{ServiceID: verbs.TCPServiceID, BasePort: base}
+	if isRXE(d) {
+		cfg.Provider = verbstest.ProviderRXE
+	}
+	return cfg
 }
 
 // TestGuestConformance runs the verbs conformance suite with both halves in
@@ -1409,14 +1206,14 @@ func TestGuestConformance(t *testing.T) {
 		}
 		return sides[0], sides[1]
 	}
-	verbstest.Run(t, fabric, conformanceConfig(19000))
+	verbstest.Run(t, fabric, conformanceConfig(d, 19000))
 }
 
 // TestGuestConformancePeer runs one half of the conformance suite; TestVMIbv
 // runs the passive half in one guest and the active half in the other.
 func TestGuestConformancePeer(t *testing.T) {
 	d, addr := guestEnv(t)
-	cfg := conformanceConfig(19100)
+	cfg := conformanceConfig(d, 19100)
 	switch role := os.Getenv(envRole); role {
 	case "passive":
 		verbstest.RunPassive(t, verbstest.Side{Device: d, Addr: addr}, cfg)

@@ -34,43 +34,25 @@ var guestTests = []string{
 	"TestGuestConformance",
 }
 
-// rxeDeviations are the conformance cases soft-RoCE (Linux 6.1) cannot pass,
-// each for a documented deviation from the IBA that guest tests pin
-// (doc.go, "soft-RoCE"), or because the suite's zero RetryCount meets TCG's
-// stalls. TestVMIbv runs every other case, in both modes.
-var rxeDeviations = map[string]string{
-	"Window":            "window bounds not enforced (TestGuestRXEWindowBounds)",
-	"RemoteAccessWrite": "no IBV_EVENT_QP_ACCESS_ERR at the responder (TestGuestErrors/rkey)",
-	"RemoteAccessRead":  "no IBV_EVENT_QP_ACCESS_ERR at the responder",
-	"RemoteBounds":      "no IBV_EVENT_QP_ACCESS_ERR at the responder",
-	"RemoteBadRKey":     "no IBV_EVENT_QP_ACCESS_ERR at the responder",
-	"BadLKey":           "LOC_QP_OP_ERR instead of LOC_PROT_ERR",
-	"LocalLength":       "LOC_QP_OP_ERR and REM_OP_ERR instead of LOC_LEN_ERR and REM_INV_REQ_ERR (TestGuestErrors/length)",
-	"RecvProtection":    "LOC_QP_OP_ERR instead of LOC_PROT_ERR",
-	"QPErrorFlush":      "send queue deeper than reported (TestGuestQueueDepth)",
-}
-
-// conformanceRun returns the -test.run pattern for a conformance test
-// selecting every case but the deviations.
-func conformanceRun(test string) string {
-	var keep []string
-	for _, n := range verbstest.Names() {
-		if _, dev := rxeDeviations[n]; !dev {
-			keep = append(keep, n)
-		}
-	}
-	return "^" + test + "$/^(" + strings.Join(keep, "|") + ")$"
-}
-
-// conformanceNames lists the subtests a conformance run must pass.
+// conformanceNames lists the subtests a conformance run must pass: every
+// case but soft-RoCE's known deviations, which verbstest reports as skips
+// with their reasons (knownSkips).
 func conformanceNames(test string) []string {
 	names := []string{test}
-	for _, n := range verbstest.Names() {
-		if _, dev := rxeDeviations[n]; !dev {
-			names = append(names, test+"/"+n)
-		}
+	for _, n := range verbstest.Expected(verbstest.ProviderRXE) {
+		names = append(names, test+"/"+n)
 	}
 	return names
+}
+
+// knownSkips maps each subtest of a conformance run that verbstest skips as
+// a known soft-RoCE deviation to the reason it must give.
+func knownSkips(test string) map[string]string {
+	skips := map[string]string{}
+	for n, reason := range verbstest.Deviations(verbstest.ProviderRXE) {
+		skips[test+"/"+n] = verbstest.KnownDeviationPrefix + verbstest.ProviderRXE + ": " + reason
+	}
+	return skips
 }
 
 const guestBinary = "/bin/ibv.test"
@@ -112,12 +94,12 @@ func TestVMIbv(t *testing.T) {
 		}
 		out := string(r.Stdout) + string(r.Stderr)
 		t.Logf("guest %s (%v):\n%s", a.Name, r.Duration.Round(time.Millisecond), out)
-		checkGuestRun(t, out, r.Err(), guestTests[:len(guestTests)-1])
+		checkGuestRun(t, out, r.Err(), guestTests[:len(guestTests)-1], nil)
 
-		// The conformance suite with both halves in one process, every
-		// case but rxe's deviations.
+		// The conformance suite with both halves in one process; the
+		// suite reports rxe's known deviations as such.
 		r, err = a.Exec(ctx, vmtest.Cmd{
-			Args:      []string{guestBinary, "-test.run", conformanceRun("TestGuestConformance"), "-test.v", "-test.count=1", "-test.timeout=5m"},
+			Args:      []string{guestBinary, "-test.run", "^TestGuestConformance$", "-test.v", "-test.count=1", "-test.timeout=5m"},
 			Env:       env(0),
 			Timeout:   6 * time.Minute,
 			MaxOutput: 1 << 20,
@@ -127,13 +109,13 @@ func TestVMIbv(t *testing.T) {
 		}
 		out = string(r.Stdout) + string(r.Stderr)
 		t.Logf("guest %s, conformance in one process (%v):\n%s", a.Name, r.Duration.Round(time.Millisecond), out)
-		checkGuestRun(t, out, r.Err(), conformanceNames("TestGuestConformance"))
+		checkGuestRun(t, out, r.Err(), conformanceNames("TestGuestConformance"), knownSkips("TestGuestConformance"))
 	})
 
 	t.Run("conformance", func(t *testing.T) {
 		// The suite unchanged, across the link: passive half in b, active
 		// half in a.
-		run := []string{guestBinary, "-test.run", conformanceRun("TestGuestConformancePeer"), "-test.v", "-test.count=1", "-test.timeout=5m"}
+		run := []string{guestBinary, "-test.run", "^TestGuestConformancePeer$", "-test.v", "-test.count=1", "-test.timeout=5m"}
 		srv, err := b.Start(ctx, vmtest.Cmd{Args: run, Env: env(1, envRole+"=passive"), Timeout: 6 * time.Minute, MaxOutput: 1 << 20})
 		if err != nil {
 			t.Fatal(err)
@@ -150,9 +132,9 @@ func TestVMIbv(t *testing.T) {
 		aout := string(cr.Stdout) + string(cr.Stderr)
 		pout := string(sr.Stdout) + string(sr.Stderr)
 		t.Logf("active half in %s (%v):\n%s\npassive half in %s:\n%s", a.Name, cr.Duration.Round(time.Millisecond), aout, b.Name, pout)
-		names := conformanceNames("TestGuestConformancePeer")
-		checkGuestRun(t, aout, cr.Err(), names)
-		checkGuestRun(t, pout, sr.Err(), names)
+		names, skips := conformanceNames("TestGuestConformancePeer"), knownSkips("TestGuestConformancePeer")
+		checkGuestRun(t, aout, cr.Err(), names, skips)
+		checkGuestRun(t, pout, sr.Err(), names, skips)
 	})
 
 	t.Run("peer", func(t *testing.T) {
@@ -173,46 +155,109 @@ func TestVMIbv(t *testing.T) {
 		cout := string(cr.Stdout) + string(cr.Stderr)
 		sout := string(sr.Stdout) + string(sr.Stderr)
 		t.Logf("client in %s:\n%s\nserver in %s:\n%s", a.Name, cout, b.Name, sout)
-		checkGuestRun(t, cout, cr.Err(), []string{"TestGuestPeer"})
-		checkGuestRun(t, sout, sr.Err(), []string{"TestGuestPeer"})
+		checkGuestRun(t, cout, cr.Err(), []string{"TestGuestPeer"}, nil)
+		checkGuestRun(t, sout, sr.Err(), []string{"TestGuestPeer"}, nil)
 		if t.Failed() {
 			return
 		}
 
 		// The fair comparison: perftest's native verbs on the same link,
-		// same message size and window, measured right after.
-		rates := map[string]float64{}
-		for _, m := range rateRE.FindAllStringSubmatch(cout, -1) {
-			rates[m[1]], _ = strconv.ParseFloat(m[2], 64)
+		// same message sizes, counts and window, measured right after.
+		ours := parseGuestFigures(cout)
+		port := perftestPort
+		const bw = "verbs/ibv beside perftest on soft-RoCE: bandwidth"
+		for _, size := range []int{peerBig, peerSmall} {
+			for _, p := range []struct{ op, tool, depth string }{
+				{"send", "ib_send_bw", "-t"}, {"write", "ib_write_bw", "-t"}, {"read", "ib_read_bw", "-o"},
+			} {
+				port++
+				base, err := perftest(ctx, f, p.tool, port, size, peerCount(size), p.depth, strconv.Itoa(peerWindow))
+				if err != nil {
+					t.Errorf("%s: %v", p.tool, err)
+					continue
+				}
+				key := fmt.Sprintf("RATE %s %d", p.op, size)
+				if ours[key] == 0 {
+					t.Errorf("the guest client printed no %q", key)
+				}
+				benchRow(bw, fmt.Sprintf("%s %d KiB", strings.ToUpper(p.op), size>>10), "verbs/ibv", ours[key], p.tool, base, "MiB/s")
+			}
 		}
-		var table strings.Builder
-		fmt.Fprintf(&table, "%-6s %12s %14s %7s\n", "op", "ibv MiB/s", "perftest MiB/s", "ratio")
-		for i, p := range []struct{ op, tool, depth string }{
-			{"send", "ib_send_bw", "-t"}, {"write", "ib_write_bw", "-t"}, {"read", "ib_read_bw", "-o"},
-		} {
-			base, err := perftest(ctx, f, p.tool, perftestPort+i, p.depth, "16")
+		benchNote(bw, fmt.Sprintf("%s -> %s, %d in flight, %d MiB at 64 KiB and %d MiB at 4 KiB per op; two TCG guests, link %v; higher is better",
+			a.Name, b.Name, peerWindow, peerTotal>>20, peerSmallTot>>20, f.Link))
+		const lat = "verbs/ibv beside perftest on soft-RoCE: 64-byte SEND latency"
+		for _, mode := range []string{"poll", "event"} {
+			port++
+			base, err := perftestLat(ctx, f, port, mode == "event")
 			if err != nil {
-				t.Errorf("%s: %v", p.tool, err)
+				t.Errorf("ib_send_lat (%s): %v", mode, err)
 				continue
 			}
-			fmt.Fprintf(&table, "%-6s %12.2f %14.2f %7.2f\n", p.op, rates[p.op], base, rates[p.op]/base)
+			key := fmt.Sprintf("LAT %s %d", mode, peerLatSize)
+			if ours[key] == 0 {
+				t.Errorf("the guest client printed no %q", key)
+			}
+			tool := "ib_send_lat"
+			if mode == "event" {
+				tool += " -e"
+			}
+			benchRow(lat, mode+" mode", "verbs/ibv", ours[key], tool, base, "µs")
 		}
-		t.Logf("64 KiB messages, 16 in flight, %s -> %s over rxe (TCG, link %v):\n%s", a.Name, b.Name, f.Link, table.String())
+		benchNote(lat, fmt.Sprintf("half the average round trip (perftest's t_avg), %d timed ping-pongs after %d untimed; poll: both sides busy-poll the CQ, event: both wait on the completion channel; lower is better",
+			peerLatIters, peerLatWarm))
 	})
 }
 
-var rateRE = regexp.MustCompile(`(?m)^RATE (\w+) ([0-9.]+)$`)
+// guestFigureRE matches the client's "RATE op size MiB/s" and "LAT mode
+// size µs" lines.
+var guestFigureRE = regexp.MustCompile(`(?m)^((?:RATE|LAT) \w+ \d+) ([0-9.]+)$`)
+
+// parseGuestFigures maps "RATE send 65536" (etc.) to its figure.
+func parseGuestFigures(out string) map[string]float64 {
+	m := map[string]float64{}
+	for _, g := range guestFigureRE.FindAllStringSubmatch(out, -1) {
+		m[g[1]], _ = strconv.ParseFloat(g[2], 64)
+	}
+	return m
+}
+
+// benchRow prints one row of a VM-tier benchmark table for cmd/benchtab
+// (make bench): our figure beside the baseline measured in the same run.
+func benchRow(table, row, ours string, oursV float64, base string, baseV float64, unit string) {
+	fmt.Printf("BENCHVM %s|%s|%s|%.2f|%s|%.2f|%s\n", table, row, ours, oursV, base, baseV, unit)
+}
+
+// benchNote prints a note under a VM-tier table.
+func benchNote(table, note string) {
+	fmt.Printf("BENCHVM-NOTE %s|%s\n", table, note)
+}
 
 // perftestPort is the first TCP port perftest exchanges QP details on.
 const perftestPort = 18540
 
-// perftest runs a perftest bandwidth tool with 64 KiB messages (128 of
-// them, 8 MiB as the Go test) from guest 0 to guest 1 and returns the
-// client's average in MiB/s (perftest's MB is 2^20 bytes). A 0 result (its
-// clock calibration fails now and then under TCG) is retried once.
-func perftest(ctx context.Context, f *vmtest.Fabric, tool string, port int, depthFlag, depth string) (float64, error) {
+// perftest runs a perftest bandwidth tool with n messages of size bytes
+// from guest 0 to guest 1 and returns the client's average in MiB/s
+// (perftest's MB is 2^20 bytes). A 0 result (its clock calibration fails
+// now and then under TCG) is retried once.
+func perftest(ctx context.Context, f *vmtest.Fabric, tool string, port, size, n int, depthFlag, depth string) (float64, error) {
+	args := []string{tool, "-d", vmtest.RXEDevice, "-F", "-p", strconv.Itoa(port), "-s", strconv.Itoa(size), "-n", strconv.Itoa(n), depthFlag, depth}
+	return runPerftest(ctx, f, tool, args, func(out string) (float64, error) { return parseBW(out, size) })
+}
+
+// perftestLat runs ib_send_lat with 64-byte messages, on events when
+// event, and returns its average (half the round trip) in µs.
+func perftestLat(ctx context.Context, f *vmtest.Fabric, port int, event bool) (float64, error) {
+	args := []string{"ib_send_lat", "-d", vmtest.RXEDevice, "-F", "-p", strconv.Itoa(port), "-s", strconv.Itoa(peerLatSize), "-n", strconv.Itoa(peerLatIters)}
+	if event {
+		args = append(args, "-e")
+	}
+	return runPerftest(ctx, f, "ib_send_lat", args, func(out string) (float64, error) { return parseLat(out, peerLatSize) })
+}
+
+// runPerftest runs a perftest tool's server in guest 1 and its client in
+// guest 0 and parses the client's output.
+func runPerftest(ctx context.Context, f *vmtest.Fabric, tool string, args []string, parse func(string) (float64, error)) (float64, error) {
 	a, b := f.Guests[0], f.Guests[1]
-	args := []string{tool, "-d", vmtest.RXEDevice, "-F", "-p", strconv.Itoa(port), "-s", "65536", "-n", "128", depthFlag, depth}
 	for attempt := 0; ; attempt++ {
 		srv, err := b.Start(ctx, vmtest.Cmd{Args: args, Timeout: time.Minute})
 		if err != nil {
@@ -235,15 +280,15 @@ func perftest(ctx context.Context, f *vmtest.Fabric, tool string, port int, dept
 		if err := r.Err(); err != nil {
 			return 0, fmt.Errorf("%w\n%s%s", err, r.Stdout, r.Stderr)
 		}
-		bw, err := parseBW(string(r.Stdout), 65536)
+		v, err := parse(string(r.Stdout))
 		if err != nil {
 			return 0, fmt.Errorf("%w\n%s", err, r.Stdout)
 		}
-		if bw > 0 || attempt > 0 {
-			if bw == 0 {
-				return 0, fmt.Errorf("%s reported 0 bandwidth twice", tool)
+		if v > 0 || attempt > 0 {
+			if v == 0 {
+				return 0, fmt.Errorf("%s reported 0 twice", tool)
 			}
-			return bw, nil
+			return v, nil
 		}
 	}
 }
@@ -260,22 +305,42 @@ func parseBW(out string, msgSize int) (float64, error) {
 	return 0, fmt.Errorf("no result row for %d-byte messages", msgSize)
 }
 
+// parseLat finds a perftest latency result row ("#bytes #iterations t_min
+// t_max t_typical t_avg ...") for msgSize and returns t_avg.
+func parseLat(out string, msgSize int) (float64, error) {
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 7 && f[0] == strconv.Itoa(msgSize) {
+			if _, err := strconv.Atoi(f[1]); err == nil {
+				return strconv.ParseFloat(f[5], 64)
+			}
+		}
+	}
+	return 0, fmt.Errorf("no latency row for %d-byte messages", msgSize)
+}
+
 var resultRE = regexp.MustCompile(`(?m)^\s*--- (PASS|FAIL|SKIP): (\S+)`)
 
-// checkGuestRun fails unless every named test passed and nothing failed or
+// checkGuestRun fails unless every named test passed, every test in skips
+// skipped with its message in the output, and nothing else failed or
 // skipped.
-func checkGuestRun(t *testing.T, out string, exit error, names []string) {
+func checkGuestRun(t *testing.T, out string, exit error, names []string, skips map[string]string) {
 	t.Helper()
 	got := map[string]string{}
 	for _, m := range resultRE.FindAllStringSubmatch(out, -1) {
 		got[m[2]] = m[1]
-		if m[1] != "PASS" {
+		if _, known := skips[m[2]]; m[1] != "PASS" && !(known && m[1] == "SKIP") {
 			t.Errorf("%s: %s", m[2], m[1])
 		}
 	}
 	for _, n := range names {
 		if got[n] != "PASS" {
 			t.Errorf("%s did not pass (result %q)", n, got[n])
+		}
+	}
+	for n, msg := range skips {
+		if got[n] != "SKIP" || !strings.Contains(out, msg) {
+			t.Errorf("%s: result %q, want a skip as a known deviation (%q)", n, got[n], msg)
 		}
 	}
 	if exit != nil {

@@ -49,6 +49,17 @@
 // RNR retry 7 case posts its receive after 300 ms, the timeout case holds a
 // request for 1.5 s against a 400 ms connect deadline.
 //
+// # Known deviations
+//
+// The suite holds each provider's known deviations as data (Deviations:
+// provider → case → documented reason; soft-RoCE's in deviations.go).
+// Config.Provider names the provider under test; a case on its list is
+// reported as a skip whose message starts with KnownDeviationPrefix and
+// gives the reason, so a runner sees "known, because ..." instead of
+// filtering cases by hand, and every other case must pass. With
+// Config.CheckDeviations the deviations run too and must fail: one that
+// passes means the list is stale. Expected lists what a provider must pass.
+//
 // # Design
 //
 // Each half returns an error instead of calling t.Fatal, so both halves can

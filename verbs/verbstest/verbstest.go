@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -40,6 +41,16 @@ type Config struct {
 	Unreachable netip.Addr
 	// Timeout bounds each case.
 	Timeout time.Duration
+	// Provider names the provider under test (ProviderSoft, ProviderRXE)
+	// for its list of known deviations (Deviations). A known deviation is
+	// reported as a skip whose message starts with KnownDeviationPrefix
+	// and gives the documented reason. Empty: no deviations are known.
+	Provider string
+	// CheckDeviations runs the known deviations too and inverts them: a
+	// deviation that passes is an error (the list is stale), one that
+	// fails is logged with its reason. Costly: a deviating case often
+	// waits out its Timeout.
+	CheckDeviations bool
 }
 
 func (c Config) withDefaults() Config {
@@ -105,6 +116,8 @@ func Run(t *testing.T, f Fabric, cfg Config) {
 	cfg = cfg.withDefaults()
 	for i, tc := range Cases() {
 		t.Run(tc.Name, func(t *testing.T) {
+			rep := cfg.reporter(t, tc.Name)
+			defer rep.done()
 			passive, active := f(t)
 			sid := cfg.ServiceID(cfg.BasePort + uint16(i))
 			ctx, cancel := context.WithTimeout(context.Background(), cfg.Timeout)
@@ -125,11 +138,11 @@ func Run(t *testing.T, f Fabric, cfg Config) {
 			case <-ctx.Done():
 			}
 			if err := tc.Active(ctx, ap); err != nil {
-				t.Errorf("active: %v", err)
+				rep.errorf("active: %v", err)
 				cancel() // unblock the passive half
 			}
 			if err := <-perr; err != nil {
-				t.Errorf("passive: %v", err)
+				rep.errorf("passive: %v", err)
 			}
 			for _, s := range []struct {
 				name string
@@ -141,6 +154,59 @@ func Run(t *testing.T, f Fabric, cfg Config) {
 			}
 		})
 	}
+}
+
+// reporter routes a case's failures: to t, or, for a known deviation run
+// under CheckDeviations, into a list that done inverts.
+type reporter struct {
+	t      *testing.T
+	reason string // the deviation's reason; "" for an ordinary case
+	errs   []string
+}
+
+// reporter returns the case's reporter. A known deviation is skipped here
+// with its reason unless cfg.CheckDeviations.
+func (c Config) reporter(t *testing.T, name string) *reporter {
+	t.Helper()
+	reason, dev := Deviation(c.Provider, name)
+	if !dev {
+		return &reporter{t: t}
+	}
+	if !c.CheckDeviations {
+		t.Skipf("%s%s: %s", KnownDeviationPrefix, c.Provider, reason)
+	}
+	return &reporter{t: t, reason: reason}
+}
+
+func (r *reporter) errorf(format string, a ...any) {
+	r.t.Helper()
+	if r.reason == "" {
+		r.t.Errorf(format, a...)
+		return
+	}
+	r.errs = append(r.errs, fmt.Sprintf(format, a...))
+}
+
+// done checks a deviation's outcome: it must have failed.
+func (r *reporter) done() {
+	r.t.Helper()
+	if r.reason == "" {
+		return
+	}
+	msg, stale := verdict(r.reason, r.errs)
+	if stale {
+		r.t.Error(msg)
+		return
+	}
+	r.t.Log(msg)
+}
+
+// verdict judges a known deviation that ran: stale when it passed.
+func verdict(reason string, errs []string) (msg string, stale bool) {
+	if len(errs) == 0 {
+		return fmt.Sprintf("listed as a known deviation (%s) but passed: remove it from the list", reason), true
+	}
+	return fmt.Sprintf("known deviation confirmed (%s): %s", reason, strings.Join(errs, "; ")), false
 }
 
 // RunPassive runs the passive halves, in order, for a two-process run: start
@@ -158,6 +224,8 @@ func runHalf(t *testing.T, s Side, peer netip.Addr, cfg Config, active bool) {
 	cfg = cfg.withDefaults()
 	for i, tc := range Cases() {
 		t.Run(tc.Name, func(t *testing.T) {
+			rep := cfg.reporter(t, tc.Name)
+			defer rep.done()
 			ctx, cancel := context.WithTimeout(context.Background(), cfg.Timeout)
 			defer cancel()
 			p := &Peer{Dev: s.Device, Addr: s.Addr, Remote: peer, SID: cfg.ServiceID(cfg.BasePort + uint16(i)), Cfg: cfg}
@@ -166,7 +234,7 @@ func runHalf(t *testing.T, s Side, peer netip.Addr, cfg Config, active bool) {
 				half = tc.Active
 			}
 			if err := half(ctx, p); err != nil {
-				t.Error(err)
+				rep.errorf("%v", err)
 			}
 			if r := s.Device.Resources(); !r.Zero() {
 				t.Errorf("leaked objects: %v", r)
