@@ -19,3 +19,5 @@ extra=(${EXTRA_CFLAGS:-})
 "$cc" "${cflags[@]}" "${extra[@]}" -o "$out/vsdp-conf" "$src/vsdp_conf.c" "$src/rules.c"
 # The C test client the guest-side tests run (also inside VM tests).
 "$cc" "${cflags[@]}" "${extra[@]}" -U_GNU_SOURCE -o "$out/vsdptest" "$here/testdata/vsdptest.c" -I"$src" -ldl
+# The epoll stream-check client and server (streamcheck's protocol; VM tests).
+"$cc" "${cflags[@]}" "${extra[@]}" -U_GNU_SOURCE -o "$out/vsdpstreams" "$here/testdata/vsdpstreams.c" -I"$src" -ldl

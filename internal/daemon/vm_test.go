@@ -152,17 +152,12 @@ func newDemoBlob(n int) *demoBlob {
 
 // TestVMListeners boots two guests on one vsdpd. Guest A listens (socat
 // under libvsdp.so): a host SDP client and guest B both reach it over SDP,
-// and A sees the caller's address.
+// and A sees the caller's address. Then A and B exchange many streams both
+// ways, through the C program under libvsdp.so and the Go program through
+// vsdpnet (guestToGuest).
 func TestVMListeners(t *testing.T) {
 	vmtest.Require(t)
-	root, err := images.FindModuleRoot(".")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lib := filepath.Join(root, "build", "guest", "libvsdp.so")
-	if _, err := os.Stat(lib); err != nil {
-		t.Fatalf("%v: run `make build` (guestdrv/build.sh) first", err)
-	}
+	root := guestBuild(t)
 	dir := t.TempDir()
 	cfg := &daemon.Config{
 		Fabric: daemon.Fabric{Addr: "10.61.0.1"},
@@ -178,17 +173,14 @@ func TestVMListeners(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(d.Close) // after the VMs' own cleanups: QEMU goes before its back-end
-	image := images.Spec{
-		Modules:  []string{"vmw_vsock_virtio_transport"},
+	image := streamsImage(root, "use sdp client * 10.61.0.0/24:*\nuse sdp server * *:*\n").Merge(images.Spec{
 		Binaries: []string{"/usr/bin/socat"},
-		Files: []images.File{
-			{Path: "/lib/libvsdp.so", Host: lib, Mode: 0o755},
-			{Path: "/bin/vsdptest", Host: filepath.Join(root, "build", "guest", "vsdptest"), Mode: 0o755},
-			{Path: "/etc/vsdp.conf", Data: "use sdp client * 10.61.0.0/24:*\nuse sdp server * *:*\n"},
-		},
-	}
-	a := vmtest.Start(t, vmtest.Options{Name: "guest-a", Image: image, VhostUser: []vmtest.VhostUser{{Kind: vmtest.VhostVsock, Socket: cfg.VMs[0].Socket}}})
-	b := vmtest.Start(t, vmtest.Options{Name: "guest-b", Image: image, VhostUser: []vmtest.VhostUser{{Kind: vmtest.VhostVsock, Socket: cfg.VMs[1].Socket}}})
+		Files:    []images.File{{Path: "/bin/vsdptest", Host: filepath.Join(root, "build", "guest", "vsdptest"), Mode: 0o755}},
+	})
+	vms := bootAll(t,
+		vmtest.Options{Name: "guest-a", Image: image, VhostUser: []vmtest.VhostUser{{Kind: vmtest.VhostVsock, Socket: cfg.VMs[0].Socket}}},
+		vmtest.Options{Name: "guest-b", Image: image, VhostUser: []vmtest.VhostUser{{Kind: vmtest.VhostVsock, Socket: cfg.VMs[1].Socket}}})
+	a, b := vms[0], vms[1]
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	env := []string{"LD_PRELOAD=/lib/libvsdp.so"}
@@ -266,5 +258,8 @@ func TestVMListeners(t *testing.T) {
 				t.Fatalf("guest program output lacks %q:\n%s", want, out)
 			}
 		}
+	})
+	t.Run("guests A and B exchange streams both ways over SDP", func(t *testing.T) {
+		guestToGuest(t, ctx, d, a, b)
 	})
 }
