@@ -5,11 +5,13 @@ package sdp_test
 import (
 	"context"
 	"crypto/sha256"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -89,33 +91,40 @@ func TestGuestSDPNetConn(t *testing.T) {
 	})
 }
 
-// TestGuestSDPPeer: the client sends random data of random write sizes to
-// the server across the link, which echoes it; content is checked by hash
-// both ways. The client also times 64-byte round trips.
+// TestGuestSDPPeer: the client runs echoConns connections at once across
+// the link; on each it sends random data in random write sizes (1 byte up
+// to the whole transfer) while reading the server's echo, and checks the
+// content by hash. It then times 64-byte round trips on one more.
 func TestGuestSDPPeer(t *testing.T) {
 	st, _ := ibvStack(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
+	const echoConns = 3
 	switch os.Getenv(envRole) {
 	case "server":
-		l, err := st.Listen(peerPort, 4)
+		l, err := st.Listen(peerPort, 8)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer l.Close()
-		for i := 0; i < 2; i++ {
+		var wg sync.WaitGroup
+		for i := 0; i < echoConns+1; i++ {
 			c, err := l.AcceptSDP(ctx)
 			if err != nil {
 				t.Fatal(err)
 			}
-			c.SetNoDelay(true)
-			n, err := io.Copy(c, c)
-			if err != nil {
-				t.Fatalf("echo after %d bytes: %v", n, err)
-			}
-			c.CloseWrite()
-			c.Close()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c.SetNoDelay(true)
+				if n, err := io.Copy(c, c); err != nil {
+					t.Errorf("echo after %d bytes: %v", n, err)
+				}
+				c.CloseWrite()
+				c.Close()
+			}()
 		}
+		wg.Wait()
 	case "client":
 		peer := netip.AddrPortFrom(netip.MustParseAddr(os.Getenv(envPeer)), peerPort)
 		var c *sdp.Conn
@@ -128,31 +137,33 @@ func TestGuestSDPPeer(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		const size = 4 << 20
-		rng := rand.New(rand.NewPCG(5, 5))
-		data := make([]byte, size)
-		for i := range data {
-			data[i] = byte(rng.Uint32())
-		}
-		start := time.Now()
-		go func() {
-			for p := data; len(p) > 0; {
-				k := min(len(p), 1+rng.IntN(256<<10))
-				if _, err := c.Write(p[:k]); err != nil {
-					return
-				}
-				p = p[k:]
+		conns := []*sdp.Conn{c}
+		for len(conns) < echoConns {
+			if c, err = st.Dial(ctx, peer); err != nil {
+				t.Fatal(err)
 			}
-			c.CloseWrite()
-		}()
-		h := sha256.New()
-		n, err := io.Copy(h, c)
-		el := time.Since(start)
-		if err != nil || n != size || [32]byte(h.Sum(nil)) != sha256.Sum256(data) {
-			t.Fatalf("echo: %d bytes, %v; content matches: %v", n, err, [32]byte(h.Sum(nil)) == sha256.Sum256(data))
+			conns = append(conns, c)
 		}
-		c.Close()
-		t.Logf("SDP over rxe: %d MiB echoed in %v (%.2f MiB/s each way)", size>>20, el.Round(time.Millisecond), float64(size)/(1<<20)/el.Seconds())
+		const size = 2 << 20
+		start := time.Now()
+		var wg sync.WaitGroup
+		for i, c := range conns {
+			wg.Add(1)
+			go func(seed uint64) {
+				defer wg.Done()
+				if err := echoCheck(c, seed, size); err != nil {
+					t.Errorf("connection %d: %v", seed, err)
+				}
+				c.Close()
+			}(uint64(i))
+		}
+		wg.Wait()
+		if t.Failed() {
+			t.FailNow()
+		}
+		el := time.Since(start)
+		t.Logf("SDP over rxe: %d connections echoed %d MiB each in %v (%.2f MiB/s each way in all)", echoConns, size>>20,
+			el.Round(time.Millisecond), float64(echoConns*size)/(1<<20)/el.Seconds())
 
 		c, err = st.Dial(ctx, peer)
 		if err != nil {
@@ -177,6 +188,41 @@ func TestGuestSDPPeer(t *testing.T) {
 	default:
 		t.Skipf("needs %s=server|client and %s: runs in TestVMSDPOverIbv's two guests", envRole, envPeer)
 	}
+}
+
+// echoCheck sends n random bytes (seeded) on c in random write sizes from
+// 1 byte to n, half-closes, and checks that the echo read back is the same
+// by length and sha256.
+func echoCheck(c *sdp.Conn, seed uint64, n int) error {
+	rng := rand.New(rand.NewPCG(seed, 5))
+	data := make([]byte, n)
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	werr := make(chan error, 1)
+	go func() {
+		for p := data; len(p) > 0; {
+			k := min(len(p), 1+rng.IntN(n))
+			if _, err := c.Write(p[:k]); err != nil {
+				werr <- err
+				return
+			}
+			p = p[k:]
+		}
+		werr <- c.CloseWrite()
+	}()
+	h := sha256.New()
+	got, err := io.Copy(h, c)
+	if err != nil {
+		return fmt.Errorf("echo read: %v after %d bytes", err, got)
+	}
+	if err := <-werr; err != nil {
+		return fmt.Errorf("write: %v", err)
+	}
+	if got != int64(n) || [32]byte(h.Sum(nil)) != sha256.Sum256(data) {
+		return fmt.Errorf("echoed %d bytes of %d; content differs", got, n)
+	}
+	return nil
 }
 
 var _ verbs.Device
