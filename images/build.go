@@ -185,6 +185,11 @@ func (b *Builder) Build(ctx context.Context, spec *Spec) (*Image, error) {
 		}
 		dynamic = append(dynamic, lib)
 	}
+	for _, f := range spec.Files {
+		if f.Deps {
+			dynamic = append(dynamic, f.Host)
+		}
+	}
 	if len(dynamic) > 0 {
 		libs, err := SharedDeps(dynamic, b.LibDirs)
 		if err != nil {

@@ -189,6 +189,27 @@ func TestBuild(t *testing.T) {
 		}
 	}
 
+	// A dynamic host file at a guest path of its own (Deps): its
+	// libraries come along, even from under /tmp on the host.
+	dash := filepath.Join(t.TempDir(), "mydash")
+	if b, err := os.ReadFile("/bin/dash"); err != nil {
+		t.Fatal(err)
+	} else if err := os.WriteFile(dash, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	imgDeps, err := b.Build(ctx, &Spec{Name: "deps", Files: []File{{Path: "/opt/dash", Host: dash, Deps: true}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mDeps := readArchive(t, imgDeps.Path)
+	libc = false
+	for name := range mDeps {
+		libc = libc || strings.HasSuffix(name, "/libc.so.6")
+	}
+	if _, ok := mDeps["opt/dash"]; !ok || !libc {
+		t.Errorf("Deps: opt/dash packed %v, its libc packed %v", ok, libc)
+	}
+
 	// Unchanged: cached, same file, quick.
 	st0, _ := os.Stat(img.Path)
 	start := time.Now()

@@ -73,6 +73,10 @@ type File struct {
 	Host string      `json:"host,omitempty"` // host file to copy
 	Data string      `json:"data,omitempty"` // literal content, when Host is ""
 	Mode os.FileMode `json:"mode,omitempty"` // permission bits; 0: the host file's, or 0644
+	// Deps also packs the shared objects Host (a dynamic ELF file) needs,
+	// at their own paths: for a program or library placed at a guest path
+	// other than its host path.
+	Deps bool `json:"deps,omitempty"`
 }
 
 var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
@@ -145,6 +149,9 @@ func (s *Spec) Validate() error {
 		}
 		if f.Host != "" && f.Data != "" {
 			return &SpecError{Field: field, Reason: "both host and data set"}
+		}
+		if f.Deps && f.Host == "" {
+			return &SpecError{Field: field + ".deps", Reason: "needs a host file"}
 		}
 		if f.Mode&^os.ModePerm != 0 {
 			return &SpecError{Field: field + ".mode", Reason: fmt.Sprintf("%v is not permission bits", f.Mode)}

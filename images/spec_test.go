@@ -33,6 +33,8 @@ func TestSpecValidate(t *testing.T) {
 		{"file both", func(s *Spec) { s.Files = []File{{Path: "/a", Host: "/b", Data: "c"}} }, "files[0]"},
 		{"file mode", func(s *Spec) { s.Files = []File{{Path: "/a", Mode: 0o40755}} }, "files[0].mode"},
 		{"file ok", func(s *Spec) { s.Files = []File{{Path: "/etc/x", Data: "y", Mode: 0o600}} }, ""},
+		{"file deps without host", func(s *Spec) { s.Files = []File{{Path: "/a", Data: "y", Deps: true}} }, "files[0].deps"},
+		{"file deps", func(s *Spec) { s.Files = []File{{Path: "/a", Host: "/tmp/b", Deps: true}} }, ""},
 		{"init NUL", func(s *Spec) { s.Init = []string{"a\x00"} }, "init[0]"},
 		{"service empty", func(s *Spec) { s.Service = []string{""} }, "service[0]"},
 		{"service NUL", func(s *Spec) { s.Service = []string{"a", "b\x00"} }, "service[1]"},
