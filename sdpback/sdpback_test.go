@@ -17,8 +17,8 @@ import (
 
 	"github.com/vsdp/vsdp/guestdrv/ctl"
 	"github.com/vsdp/vsdp/sdpback"
+	"github.com/vsdp/vsdp/sdpback/internal/fabric"
 	"github.com/vsdp/vsdp/sdpback/sdp"
-	"github.com/vsdp/vsdp/verbs/soft"
 )
 
 var (
@@ -38,38 +38,11 @@ type world struct {
 
 func newWorld(t *testing.T, policy sdpback.Policy) *world {
 	t.Helper()
-	table := soft.NewTable()
-	nw := soft.NewNetwork()
-	open := func(name string, a netip.Addr) *soft.Device {
-		d, err := soft.Open(soft.Options{Name: name, Addrs: []netip.Addr{a}, Table: table, Network: nw})
-		if err != nil {
-			t.Fatal(err)
-		}
-		table.Set(a, d.Endpoint())
-		return d
-	}
-	dh, dv, dp := open("host", hostAddr), open("vm", vmAddr), open("peer", peerAddr)
-	stack := func(d *soft.Device, a netip.Addr) *sdp.Stack {
-		s, err := sdp.New(sdp.Config{Device: d, Addr: a})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s
-	}
-	w := &world{t: t, host: stack(dh, hostAddr), vmSt: stack(dv, vmAddr), peerSt: stack(dp, peerAddr), dev: &fakeDevice{}}
+	st := fabric.Stacks(t,
+		fabric.Host{Name: "host", Addr: hostAddr}, fabric.Host{Name: "vm", Addr: vmAddr}, fabric.Host{Name: "peer", Addr: peerAddr})
+	w := &world{t: t, host: st[0], vmSt: st[1], peerSt: st[2], dev: &fakeDevice{}}
 	w.vm = sdpback.NewVM(sdpback.VMConfig{Name: "vm1", Addr: vmAddr, Policy: policy, DialTimeout: 3 * time.Second}, w.vmSt, w.dev)
-	t.Cleanup(func() {
-		w.vm.Close()
-		for _, s := range []*sdp.Stack{w.host, w.vmSt, w.peerSt} {
-			s.Close()
-		}
-		for _, d := range []*soft.Device{dh, dv, dp} {
-			if r := d.Resources(); !r.Zero() {
-				t.Errorf("%s leaked %v", d.Info().Name, r)
-			}
-			d.Close()
-		}
-	})
+	t.Cleanup(func() { w.vm.Close() }) // before the stacks close
 	return w
 }
 

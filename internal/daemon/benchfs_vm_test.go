@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sirupsen/logrus"
 	"github.com/vsdp/vsdp/internal/daemon"
 	"github.com/vsdp/vsdp/vmtest"
 )
@@ -77,13 +76,7 @@ func TestVMBenchSocketFS(t *testing.T) {
 		VMs: []daemon.VMConfig{{Name: "bench", Socket: filepath.Join(dir, "vsock.sock"), FSSocket: filepath.Join(dir, "fs.sock"),
 			CID: 5, Addr: "10.63.0.5", Policy: []string{"sdp 10.63.0.0/24"}}},
 	}
-	log := logrus.New()
-	log.SetOutput(io.Discard)
-	d, err := daemon.Start(cfg, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(d.Close)
+	startDaemon(t, cfg) // before the VM: QEMU goes before its back-end
 	vm := vmtest.Start(t, vmtest.Options{
 		Name: "fsbench",
 		VhostUser: []vmtest.VhostUser{
@@ -95,10 +88,7 @@ func TestVMBenchSocketFS(t *testing.T) {
 	defer cancel()
 	run := func(script string) string {
 		t.Helper()
-		r, err := vm.Exec(ctx, vmtest.Cmd{Args: []string{"/bin/sh", "-c", script}, Timeout: 2 * time.Minute})
-		if err != nil {
-			t.Fatalf("%s: %v", script, err)
-		}
+		r := guestShell(t, ctx, vm, nil, script)
 		out := string(r.Stdout) + string(r.Stderr)
 		if r.ExitCode != 0 {
 			t.Fatalf("%s: exit %d:\n%s", script, r.ExitCode, out)

@@ -3,7 +3,6 @@ package daemon_test
 import (
 	"context"
 	"crypto/sha256"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -17,10 +16,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sirupsen/logrus"
 	"github.com/vsdp/vsdp/guestdrv/vsdpnet"
 	"github.com/vsdp/vsdp/images"
 	"github.com/vsdp/vsdp/internal/daemon"
+	"github.com/vsdp/vsdp/internal/workload"
 	"github.com/vsdp/vsdp/vmtest"
 )
 
@@ -81,11 +80,9 @@ func startBenchService(t *testing.T) *benchService {
 				}
 				switch cmd[0] {
 				case cmdBulk:
-					h := sha256.New()
-					if _, err := io.Copy(h, c); err != nil {
+					if _, err := workload.Digest(c); err != nil {
 						return
 					}
-					c.Write(h.Sum(nil))
 				case cmdEcho:
 					io.Copy(c, c)
 				case cmdHello:
@@ -127,13 +124,7 @@ func TestVMBenchProductPath(t *testing.T) {
 		VMs: []daemon.VMConfig{{Name: "bench", Socket: sock, CID: 5, Addr: "10.62.0.5",
 			Policy: []string{"sdp 10.62.0.0/24"}}},
 	}
-	log := logrus.New()
-	log.SetOutput(io.Discard)
-	d, err := daemon.Start(cfg, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(d.Close) // after the VM's own cleanup: QEMU goes before its back-end
+	d := startDaemon(t, cfg) // before the VM: QEMU goes before its back-end
 	const guestBinary = "/bin/daemon.test"
 	start := time.Now()
 	vm := vmtest.Start(t, vmtest.Options{
@@ -254,16 +245,8 @@ func TestGuestProductBench(t *testing.T) {
 	}
 	start := time.Now()
 	c := open(cmdBulk)
-	for p := data; len(p) > 0; p = p[benchWrite:] {
-		if _, err := c.Write(p[:benchWrite]); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := c.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
-		t.Fatal(err)
-	}
-	var digest [32]byte
-	if _, err := io.ReadFull(c, digest[:]); err != nil {
+	digest, err := workload.Bulk(c, data, benchWrite)
+	if err != nil {
 		t.Fatal(err)
 	}
 	el := time.Since(start)
@@ -278,25 +261,7 @@ func TestGuestProductBench(t *testing.T) {
 	if tc, ok := c.(interface{ SetNoDelay(bool) error }); ok {
 		tc.SetNoDelay(true)
 	}
-	ping, pong := make([]byte, benchPing), make([]byte, benchPing)
-	for i := 0; i < benchWarm+benchRounds; i++ {
-		if i == benchWarm {
-			start = time.Now()
-		}
-		ping[0], ping[1] = byte(i), byte(i>>8)
-		if _, err := c.Write(ping); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.ReadFull(c, pong); err != nil {
-			t.Fatal(err)
-		}
-		if string(ping) != string(pong) {
-			t.Fatalf("ping-pong %d: the echo differs", i)
-		}
-	}
-	el = time.Since(start)
-	c.(interface{ CloseWrite() error }).CloseWrite()
-	if _, err := io.Copy(io.Discard, c); err != nil && !errors.Is(err, io.EOF) {
+	if el, err = workload.PingPong(c, benchPing, benchWarm, benchRounds); err != nil {
 		t.Fatal(err)
 	}
 	c.Close()

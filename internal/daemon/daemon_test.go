@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sirupsen/logrus"
 	"github.com/vsdp/vsdp/guestdrv/ctl"
 	"github.com/vsdp/vsdp/internal/daemon"
 	"github.com/vsdp/vsdp/vhost/vhosttest"
@@ -21,29 +20,12 @@ import (
 // serveBlob serves n pseudo-random bytes to every TCP client and returns
 // its address and the bytes' hash.
 func serveBlob(t *testing.T, n int) (string, [32]byte) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
 	blob := make([]byte, n)
 	rng := rand.New(rand.NewPCG(9, 9))
 	for i := range blob {
 		blob[i] = byte(rng.Uint32())
 	}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				c.Write(blob)
-				c.Close()
-			}()
-		}
-	}()
-	return ln.Addr().String(), sha256.Sum256(blob)
+	return serveTCP(t, func(c net.Conn) { c.Write(blob) }), sha256.Sum256(blob)
 }
 
 // startWithGuest starts vsdpd with cfg (its first VM is the guest's) and a
@@ -51,26 +33,8 @@ func serveBlob(t *testing.T, n int) (string, [32]byte) {
 // vsocktest the guest's vsock driver.
 func startWithGuest(t *testing.T, cfg *daemon.Config) (*daemon.Daemon, *vhosttest.Device, *vsocktest.Guest) {
 	t.Helper()
-	log := logrus.New()
-	log.SetOutput(io.Discard)
-	d, err := daemon.Start(cfg, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(d.Close)
-	f, err := vhosttest.Dial(cfg.VMs[0].Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	dev, err := f.Init(vhosttest.DeviceOptions{MemSize: 64 << 20, EventIdx: true, Indirect: true, ConfigSize: 8})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(dev.Close)
-	if err := dev.Start(); err != nil {
-		t.Fatal(err)
-	}
+	d := startDaemon(t, cfg)
+	dev := frontEnd(t, cfg.VMs[0].Socket, vhosttest.DeviceOptions{MemSize: 64 << 20, EventIdx: true, Indirect: true, ConfigSize: 8})
 	g, err := vsocktest.New(dev, cfg.VMs[0].CID)
 	if err != nil {
 		t.Fatal(err)
@@ -180,26 +144,16 @@ func TestGuestFetchesExportedServiceOverSDP(t *testing.T) {
 // memory: no host copy.
 func TestGuestUploadIsZeroCopy(t *testing.T) {
 	const size = 4 << 20
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
 	sums := make(chan [32]byte, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
+	sink := serveTCP(t, func(c net.Conn) {
 		h := sha256.New()
 		io.Copy(h, c)
 		sums <- [32]byte(h.Sum(nil))
-		c.Close()
-	}()
+	})
 	sock := filepath.Join(t.TempDir(), "vm.sock")
 	cfg := &daemon.Config{
 		Fabric:  daemon.Fabric{Addr: "10.51.0.1"},
-		Exports: []daemon.ExportConfig{{Port: 9, Target: ln.Addr().String()}},
+		Exports: []daemon.ExportConfig{{Port: 9, Target: sink}},
 		VMs:     []daemon.VMConfig{{Name: "vm", Socket: sock, CID: 8, Addr: "10.51.0.8", Policy: []string{"sdp 10.51.0.1:9"}}},
 	}
 	d, _, g := startWithGuest(t, cfg)

@@ -3,7 +3,6 @@ package daemon_test
 import (
 	"crypto/sha256"
 	"errors"
-	"io"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -11,7 +10,6 @@ import (
 	"testing"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
-	"github.com/sirupsen/logrus"
 	"github.com/vsdp/vsdp/internal/daemon"
 	"github.com/vsdp/vsdp/sdpback"
 	"github.com/vsdp/vsdp/vhost/vhosttest"
@@ -27,26 +25,8 @@ type fsGuest struct {
 
 func startFS(t *testing.T, cfg *daemon.Config) (*daemon.Daemon, *fsGuest) {
 	t.Helper()
-	log := logrus.New()
-	log.SetOutput(io.Discard)
-	d, err := daemon.Start(cfg, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(d.Close)
-	f, err := vhosttest.Dial(cfg.VMs[0].FSSocket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	dev, err := f.Init(vhosttest.DeviceOptions{MemSize: 64 << 20, QueueSize: 1024, EventIdx: true, Indirect: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(dev.Close)
-	if err := dev.Start(); err != nil {
-		t.Fatal(err)
-	}
+	d := startDaemon(t, cfg)
+	dev := frontEnd(t, cfg.VMs[0].FSSocket, vhosttest.DeviceOptions{MemSize: 64 << 20, QueueSize: 1024, EventIdx: true, Indirect: true})
 	c, err := virtiofstest.New(dev, virtiofstest.Options{Seg: 4096, Uid: 1000, Gid: 1000, Pid: 42})
 	if err != nil {
 		t.Fatal(err)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -15,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sirupsen/logrus"
 	"github.com/vsdp/vsdp/guestdrv/vsdpnet/cmd/vsdpstreams/streamcheck"
 	"github.com/vsdp/vsdp/images"
 	"github.com/vsdp/vsdp/internal/daemon"
@@ -52,12 +50,11 @@ func streamsImage(root, conf string) images.Spec {
 	return images.Spec{
 		Modules:  []string{"vmw_vsock_virtio_transport"},
 		Programs: []images.Program{{Package: "./guestdrv/vsdpnet/cmd/vsdpstreams", Path: guestStreamsGo}},
-		// Packs what libvsdp.so links (libc, the loader), which the C
-		// program needs too; Files below put both where the tests run them.
-		Libraries: []string{filepath.Join(root, "build", "guest", "libvsdp.so")},
+		// Deps packs what libvsdp.so and the C program link (libc, the
+		// loader).
 		Files: []images.File{
-			{Path: "/lib/libvsdp.so", Host: filepath.Join(root, "build", "guest", "libvsdp.so"), Mode: 0o755},
-			{Path: guestStreamsC, Host: filepath.Join(root, "build", "guest", "vsdpstreams"), Mode: 0o755},
+			{Path: "/lib/libvsdp.so", Host: filepath.Join(root, "build", "guest", "libvsdp.so"), Mode: 0o755, Deps: true},
+			{Path: guestStreamsC, Host: filepath.Join(root, "build", "guest", "vsdpstreams"), Mode: 0o755, Deps: true},
 			{Path: "/etc/vsdp.conf", Data: conf},
 		},
 	}
@@ -390,13 +387,7 @@ func TestVMStreams(t *testing.T) {
 		VMs: []daemon.VMConfig{{Name: "guest", Socket: filepath.Join(t.TempDir(), "vm.sock"), CID: 6, Addr: guestAddr,
 			Policy: []string{"sdp 10.62.0.0/24"}}},
 	}
-	log := logrus.New()
-	log.SetOutput(io.Discard)
-	d, err := daemon.Start(cfg, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(d.Close) // after the VM's own cleanup: QEMU goes before its back-end
+	d := startDaemon(t, cfg) // before the VM: QEMU goes before its back-end
 	vm := vmtest.Start(t, vmtest.Options{
 		Name:      "streams",
 		Image:     streamsImage(root, "use sdp client * 10.62.0.0/24:*\nuse sdp server * *:*\n"),

@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sirupsen/logrus"
 	"github.com/vsdp/vsdp/images"
 	"github.com/vsdp/vsdp/internal/daemon"
 	"github.com/vsdp/vsdp/vmtest"
@@ -46,34 +45,15 @@ func TestVMProductPath(t *testing.T) {
 	}
 	defer httpLn.Close()
 	go http.Serve(httpLn, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write(b.data) }))
-	echoLn, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer echoLn.Close()
-	go func() {
-		for {
-			c, err := echoLn.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
+	echoLn := serveTCP(t, func(c net.Conn) { io.Copy(c, c) })
 	sock := filepath.Join(t.TempDir(), "vm.sock")
 	cfg := &daemon.Config{
 		Fabric:  daemon.Fabric{Addr: "10.60.0.1"},
-		Exports: []daemon.ExportConfig{{Port: 80, Target: httpLn.Addr().String()}, {Port: 7, Target: echoLn.Addr().String()}},
+		Exports: []daemon.ExportConfig{{Port: 80, Target: httpLn.Addr().String()}, {Port: 7, Target: echoLn}},
 		VMs: []daemon.VMConfig{{Name: "guest", Socket: sock, CID: 5, Addr: "10.60.0.5",
 			Policy: []string{"deny 10.60.0.9:* EACCES", "sdp 10.60.0.0/24"}}},
 	}
-	log := logrus.New()
-	log.SetOutput(io.Discard)
-	d, err := daemon.Start(cfg, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(d.Close) // after the VMs' own cleanups: QEMU goes before its back-end
+	d := startDaemon(t, cfg) // before the VMs: QEMU goes before its back-end
 	vm := vmtest.Start(t, vmtest.Options{
 		Name: "product",
 		Image: images.Spec{
@@ -90,11 +70,7 @@ func TestVMProductPath(t *testing.T) {
 	defer cancel()
 	sh := func(cmd string) *vmtest.Result {
 		t.Helper()
-		r, err := vm.Exec(ctx, vmtest.Cmd{Args: []string{"/bin/sh", "-c", cmd}, Env: []string{"LD_PRELOAD=/lib/libvsdp.so"}, Timeout: 2 * time.Minute})
-		if err != nil {
-			t.Fatalf("%s: %v", cmd, err)
-		}
-		return r
+		return guestShell(t, ctx, vm, []string{"LD_PRELOAD=/lib/libvsdp.so"}, cmd)
 	}
 	back := d.VMs()[0].Back
 
@@ -166,13 +142,7 @@ func TestVMListeners(t *testing.T) {
 			{Name: "b", Socket: filepath.Join(dir, "b.sock"), CID: 11, Addr: "10.61.0.11", Policy: []string{"sdp 10.61.0.0/24"}},
 		},
 	}
-	log := logrus.New()
-	log.SetOutput(io.Discard)
-	d, err := daemon.Start(cfg, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(d.Close) // after the VMs' own cleanups: QEMU goes before its back-end
+	d := startDaemon(t, cfg) // before the VMs: QEMU goes before its back-end
 	image := streamsImage(root, "use sdp client * 10.61.0.0/24:*\nuse sdp server * *:*\n").Merge(images.Spec{
 		Binaries: []string{"/usr/bin/socat"},
 		Files:    []images.File{{Path: "/bin/vsdptest", Host: filepath.Join(root, "build", "guest", "vsdptest"), Mode: 0o755}},
@@ -232,20 +202,7 @@ func TestVMListeners(t *testing.T) {
 		}
 	})
 	t.Run("remote abort gives ECONNRESET, never EOF", func(t *testing.T) {
-		l, err := d.HostStack().Listen(7777, 4)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		go func() {
-			c, err := l.AcceptSDP(ctx)
-			if err != nil {
-				return
-			}
-			c.Write(make([]byte, 1000))
-			time.Sleep(300 * time.Millisecond)
-			c.Abort() // the remote application dies mid-stream
-		}()
+		abortingPeer(t, ctx, d.HostStack(), 7777, make([]byte, 1000))
 		// vsdptest (guestdrv/testdata) reads 1000 bytes, then reports what
 		// read, a second read and write return.
 		r, err := b.Exec(ctx, vmtest.Cmd{Args: []string{"/bin/vsdptest", "reset", "10.61.0.1", "7777"}, Env: env, Timeout: time.Minute})

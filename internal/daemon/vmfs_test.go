@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sirupsen/logrus"
 	"github.com/vsdp/vsdp/internal/daemon"
 	"github.com/vsdp/vsdp/sdpback/sdp"
 	"github.com/vsdp/vsdp/vmtest"
@@ -47,13 +46,7 @@ func TestVMSocketFS(t *testing.T) {
 		VMs: []daemon.VMConfig{{Name: "fsguest", Socket: filepath.Join(dir, "vsock.sock"), FSSocket: filepath.Join(dir, "fs.sock"),
 			CID: 5, Addr: "10.62.0.5", Policy: []string{"deny 10.62.0.9 EACCES", "sdp 10.62.0.0/24"}}},
 	}
-	log := logrus.New()
-	log.SetOutput(io.Discard)
-	d, err := daemon.Start(cfg, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(d.Close) // after the VM's own cleanup: QEMU goes before its back-end
+	d := startDaemon(t, cfg) // before the VM: QEMU goes before its back-end
 	vm := vmtest.Start(t, vmtest.Options{
 		Name:      "sockfs",
 		VhostUser: []vmtest.VhostUser{{Kind: vmtest.VhostFS, Socket: cfg.VMs[0].FSSocket, Tag: "vsdpnet"}},
@@ -62,10 +55,7 @@ func TestVMSocketFS(t *testing.T) {
 	defer cancel()
 	sh := func(script string) (string, int) {
 		t.Helper()
-		r, err := vm.Exec(ctx, vmtest.Cmd{Args: []string{"/bin/sh", "-c", script}, Timeout: 2 * time.Minute})
-		if err != nil {
-			t.Fatalf("%s: %v", script, err)
-		}
+		r := guestShell(t, ctx, vm, nil, script)
 		return string(r.Stdout) + string(r.Stderr), r.ExitCode
 	}
 	if out, rc := sh("mkdir -p /net && mount -t virtiofs vsdpnet /net && ls /net /net/tcp"); rc != 0 ||
@@ -152,20 +142,7 @@ cat /net/tcp/$m/remote; head -c 9 /net/tcp/$m/data; echo from-guest > /net/tcp/$
 		}
 	})
 	t.Run("errors a shell sees", func(t *testing.T) {
-		l, err := d.HostStack().Listen(6, 4)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		go func() {
-			c, err := l.AcceptSDP(ctx)
-			if err != nil {
-				return
-			}
-			c.Write([]byte("partial"))
-			time.Sleep(300 * time.Millisecond)
-			c.Abort() // the remote application dies mid-stream
-		}()
+		abortingPeer(t, ctx, d.HostStack(), 6, []byte("partial"))
 		out, _ := sh(`exec 3<>/net/tcp/clone; read n <&3
 echo bogus >&3; echo "bad=$?"
 echo "connect 10.62.0.1!81" >&3; echo "refused=$?"; cat /net/tcp/$n/status
@@ -183,27 +160,4 @@ echo "connect 10.62.0.1!6" >&5; cat /net/tcp/$r/data; echo "reset=$?"`)
 			t.Fatalf("status does not say why:\n%s", out)
 		}
 	})
-}
-
-// serveTCP runs handle for every connection to a new loopback listener
-// (closing the connection after) and returns its address.
-func serveTCP(t *testing.T, handle func(net.Conn)) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				handle(c)
-			}()
-		}
-	}()
-	return ln.Addr().String()
 }

@@ -5,7 +5,6 @@ package sdp_test
 import (
 	"context"
 	"crypto/sha256"
-	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -16,6 +15,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/vsdp/vsdp/internal/workload"
 )
 
 // The ULP comparison's workload, the same for SDP and kernel TCP.
@@ -127,13 +128,8 @@ func ulpServer(ctx context.Context, t *testing.T, n ulpNet) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := sha256.New()
-	got, err := io.Copy(h, c)
-	if err != nil || got != ulpBulk {
+	if got, err := workload.Digest(c); err != nil || got != ulpBulk {
 		t.Fatalf("bulk: %d bytes, %v", got, err)
-	}
-	if _, err := c.Write(h.Sum(nil)); err != nil {
-		t.Fatal(err)
 	}
 	c.Close()
 
@@ -178,20 +174,12 @@ func ulpClient(ctx context.Context, t *testing.T, n ulpNet, transport string) {
 		data[i] = byte(rng.Uint32())
 	}
 	start := time.Now()
-	for p := data; len(p) > 0; p = p[ulpWrite:] {
-		if _, err := c.Write(p[:ulpWrite]); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := c.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
-		t.Fatal(err)
-	}
-	digest := make([]byte, 32)
-	if _, err := io.ReadFull(c, digest); err != nil {
+	digest, err := workload.Bulk(c, data, ulpWrite)
+	if err != nil {
 		t.Fatal(err)
 	}
 	el := time.Since(start)
-	if [32]byte(digest) != sha256.Sum256(data) {
+	if digest != sha256.Sum256(data) {
 		t.Fatal("bulk: the server's digest differs")
 	}
 	c.Close()
@@ -201,25 +189,7 @@ func ulpClient(ctx context.Context, t *testing.T, n ulpNet, transport string) {
 	if c, err = n.dial(ctx); err != nil {
 		t.Fatal(err)
 	}
-	ping, pong := make([]byte, ulpPingSize), make([]byte, ulpPingSize)
-	for i := 0; i < ulpWarm+ulpRounds; i++ {
-		if i == ulpWarm {
-			start = time.Now()
-		}
-		ping[0], ping[1] = byte(i), byte(i>>8)
-		if _, err := c.Write(ping); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.ReadFull(c, pong); err != nil {
-			t.Fatal(err)
-		}
-		if string(ping) != string(pong) {
-			t.Fatalf("ping-pong %d: the echo differs", i)
-		}
-	}
-	el = time.Since(start)
-	c.(interface{ CloseWrite() error }).CloseWrite()
-	if _, err := io.Copy(io.Discard, c); err != nil && !errors.Is(err, io.EOF) {
+	if el, err = workload.PingPong(c, ulpPingSize, ulpWarm, ulpRounds); err != nil {
 		t.Fatal(err)
 	}
 	c.Close()

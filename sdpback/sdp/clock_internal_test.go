@@ -63,10 +63,11 @@ func (c *manualClock) Advance(d time.Duration) {
 	}
 }
 
-func clockPair(t *testing.T, cfg Config) (*Conn, *Conn) {
+// softPair opens soft devices "a" at a1 and "b" at a2 on one in-process
+// network, with a short ack timeout; they close when the test ends.
+func softPair(t *testing.T, a1, a2 netip.Addr) (da, db *soft.Device) {
 	t.Helper()
 	table, nw := soft.NewTable(), soft.NewNetwork()
-	a1, a2 := netip.MustParseAddr("10.9.0.1"), netip.MustParseAddr("10.9.0.2")
 	open := func(name string, a netip.Addr) *soft.Device {
 		d, err := soft.Open(soft.Options{Name: name, Addrs: []netip.Addr{a}, Table: table, Network: nw, AckTimeout: 300 * time.Millisecond})
 		if err != nil {
@@ -76,7 +77,15 @@ func clockPair(t *testing.T, cfg Config) (*Conn, *Conn) {
 		t.Cleanup(func() { d.Close() })
 		return d
 	}
-	da, db := open("a", a1), open("b", a2)
+	return open("a", a1), open("b", a2)
+}
+
+// clockPair connects two stacks with the given config (its clock shared)
+// on a soft pair: a dialing connection on A and the one B accepted.
+func clockPair(t *testing.T, cfg Config) (*Conn, *Conn) {
+	t.Helper()
+	a1, a2 := netip.MustParseAddr("10.9.0.1"), netip.MustParseAddr("10.9.0.2")
+	da, db := softPair(t, a1, a2)
 	ca, cb := cfg, cfg
 	ca.Device, ca.Addr, cb.Device, cb.Addr = da, a1, db, a2
 	sa, err := New(ca)

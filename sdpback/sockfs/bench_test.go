@@ -63,10 +63,7 @@ func benchData(b *testing.B, size int, write, viaFS bool) {
 	var finish func()
 	if viaFS {
 		g := w.as(1000)
-		ctl, n := g.clone()
-		if errno := ctl.write("connect 10.9.0.20!9"); errno != 0 {
-			b.Fatal(errno)
-		}
+		ctl, n := g.dial("10.9.0.20!9")
 		data := g.mustOpen("tcp/"+n+"/data", syscall.O_RDWR)
 		rw = fileRW{data}
 		finish = func() { ctl.write("shutdown"); data.release(); ctl.release() }

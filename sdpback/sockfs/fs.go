@@ -704,15 +704,8 @@ func (fs *FS) listen(cancel <-chan struct{}, caller fuse.Caller, c *conn, h *han
 
 // OpenDir implements fuse.RawFileSystem.
 func (fs *FS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	n, errno := fs.resolve(in.NodeId)
-	if errno != 0 {
+	if _, errno := fs.listable(&in.InHeader); errno != 0 {
 		return status(errno)
-	}
-	if !n.isDir() {
-		return status(syscall.ENOTDIR)
-	}
-	if !n.allowed(in.Caller, permR) {
-		return status(syscall.EACCES)
 	}
 	*out = fuse.OpenOut{}
 	return fuse.OK
@@ -740,16 +733,25 @@ type dirent struct {
 	n    node
 }
 
+// listable resolves the directory a request names, if its caller may
+// list it.
+func (fs *FS) listable(h *fuse.InHeader) (node, syscall.Errno) {
+	n, errno := fs.resolve(h.NodeId)
+	switch {
+	case errno != 0:
+		return node{}, errno
+	case !n.isDir():
+		return node{}, syscall.ENOTDIR
+	case !n.allowed(h.Caller, permR):
+		return node{}, syscall.EACCES
+	}
+	return n, 0
+}
+
 func (fs *FS) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool) fuse.Status {
-	n, errno := fs.resolve(in.NodeId)
+	n, errno := fs.listable(&in.InHeader)
 	if errno != 0 {
 		return status(errno)
-	}
-	if !n.isDir() {
-		return status(syscall.ENOTDIR)
-	}
-	if !n.allowed(in.Caller, permR) {
-		return status(syscall.EACCES)
 	}
 	ents := []dirent{{1, ".", n}, {2, "..", node{id: nodeRoot}}}
 	switch {

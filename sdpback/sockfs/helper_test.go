@@ -15,9 +15,9 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 
 	"github.com/vsdp/vsdp/sdpback"
+	"github.com/vsdp/vsdp/sdpback/internal/fabric"
 	"github.com/vsdp/vsdp/sdpback/sdp"
 	"github.com/vsdp/vsdp/sdpback/sockfs"
-	"github.com/vsdp/vsdp/verbs/soft"
 )
 
 var (
@@ -37,39 +37,14 @@ type world struct {
 
 func newWorld(t testing.TB, policy sdpback.Policy, opts sockfs.Options) *world {
 	t.Helper()
-	table := soft.NewTable()
-	nw := soft.NewNetwork()
-	open := func(name string, a netip.Addr) *soft.Device {
-		d, err := soft.Open(soft.Options{Name: name, Addrs: []netip.Addr{a}, Table: table, Network: nw})
-		if err != nil {
-			t.Fatal(err)
-		}
-		table.Set(a, d.Endpoint())
-		return d
-	}
-	dh, dv, dp := open("host", hostAddr), open("vm", vmAddr), open("peer", peerAddr)
-	stack := func(d *soft.Device, a netip.Addr) *sdp.Stack {
-		s, err := sdp.New(sdp.Config{Device: d, Addr: a})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s
-	}
-	w := &world{t: t, host: stack(dh, hostAddr), vmSt: stack(dv, vmAddr), peerSt: stack(dp, peerAddr)}
+	st := fabric.Stacks(t,
+		fabric.Host{Name: "host", Addr: hostAddr}, fabric.Host{Name: "vm", Addr: vmAddr}, fabric.Host{Name: "peer", Addr: peerAddr})
+	w := &world{t: t, host: st[0], vmSt: st[1], peerSt: st[2]}
 	w.vm = sdpback.NewVM(sdpback.VMConfig{Name: "vm1", Addr: vmAddr, Policy: policy, DialTimeout: 3 * time.Second}, w.vmSt, nil)
 	w.fs = sockfs.New(w.vm, opts)
-	t.Cleanup(func() {
+	t.Cleanup(func() { // before the stacks close
 		w.fs.Close()
 		w.vm.Close()
-		for _, s := range []*sdp.Stack{w.host, w.vmSt, w.peerSt} {
-			s.Close()
-		}
-		for _, d := range []*soft.Device{dh, dv, dp} {
-			if r := d.Resources(); !r.Zero() {
-				t.Errorf("%s leaked %v", d.Info().Name, r)
-			}
-			d.Close()
-		}
 	})
 	return w
 }
@@ -297,6 +272,27 @@ func (c *client) clone() (*file, string) {
 		c.t.Fatalf("read clone: %q %v", s, errno)
 	}
 	return f, strings.TrimSuffix(s, "\n")
+}
+
+// dial clones a connection and connects it to dst ("addr!port"), failing
+// the test if either fails; it returns the ctl file and the number.
+func (c *client) dial(dst string) (*file, string) {
+	c.t.Helper()
+	ctl, n := c.clone()
+	if errno := ctl.write("connect " + dst); errno != 0 {
+		ctl.release()
+		c.t.Fatalf("connect %s: %v", dst, errno)
+	}
+	return ctl, n
+}
+
+// echoWorld is a world whose VM reaches the fabric's /24 over SDP, with
+// an echo service (echo) on the remote peer's port 7.
+func echoWorld(t testing.TB, opts sockfs.Options) *world {
+	t.Helper()
+	w := newWorld(t, sdpback.Policy{rule(t, "sdp 10.9.0.0/24")}, opts)
+	dialServe(t, w.peerSt, 7, echo)
+	return w
 }
 
 // dialServe serves an SDP listener on st: each connection is handed to fn.

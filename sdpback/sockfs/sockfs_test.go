@@ -178,11 +178,8 @@ func TestBulk(t *testing.T) {
 	w := newWorld(t, sdpback.Policy{rule(t, "sdp 10.9.0.20:7")}, sockfs.Options{})
 	dialServe(t, w.peerSt, 7, echo)
 	g := w.as(1000)
-	ctl, n := g.clone()
+	ctl, n := g.dial("10.9.0.20!7")
 	defer ctl.release()
-	if errno := ctl.write("connect 10.9.0.20!7"); errno != 0 {
-		t.Fatalf("connect: %v", errno)
-	}
 	const size = 16 << 20
 	want := make([]byte, size)
 	rng := rand.New(rand.NewPCG(3, 4))
@@ -260,8 +257,7 @@ func sha256Of(b []byte) []byte { s := sha256.Sum256(b); return s[:] }
 // TestCtlErrors: malformed and out-of-state ctl writes.
 func TestCtlErrors(t *testing.T) {
 	noLeaks(t)
-	w := newWorld(t, sdpback.Policy{rule(t, "sdp 10.9.0.0/24")}, sockfs.Options{})
-	dialServe(t, w.peerSt, 7, echo)
+	w := echoWorld(t, sockfs.Options{})
 	g := w.as(1000)
 	ctl, n := g.clone()
 	defer ctl.release()
@@ -359,11 +355,8 @@ func TestReset(t *testing.T) {
 	accepted := make(chan *sdp.Conn, 1)
 	dialServe(t, w.peerSt, 12, func(c *sdp.Conn) { accepted <- c })
 	g := w.as(1000)
-	ctl, n := g.clone()
+	ctl, n := g.dial("10.9.0.20!12")
 	defer ctl.release()
-	if errno := ctl.write("connect 10.9.0.20!12"); errno != 0 {
-		t.Fatal(errno)
-	}
 	data := g.mustOpen("tcp/"+n+"/data", syscall.O_RDWR)
 	defer data.release()
 	peer := <-accepted
@@ -386,14 +379,10 @@ func TestReset(t *testing.T) {
 // listen open (an error); later writes get EPIPE.
 func TestHangupUnparks(t *testing.T) {
 	noLeaks(t)
-	w := newWorld(t, sdpback.Policy{rule(t, "sdp 10.9.0.0/24")}, sockfs.Options{})
-	dialServe(t, w.peerSt, 7, echo)
+	w := echoWorld(t, sockfs.Options{})
 	g := w.as(1000)
-	ctl, n := g.clone()
+	ctl, n := g.dial("10.9.0.20!7")
 	defer ctl.release()
-	if errno := ctl.write("connect 10.9.0.20!7"); errno != 0 {
-		t.Fatal(errno)
-	}
 	data := g.mustOpen("tcp/"+n+"/data", syscall.O_RDWR)
 	defer data.release()
 	type res struct {
@@ -452,8 +441,7 @@ func TestHangupUnparks(t *testing.T) {
 // TestCloseUnparks: Close completes every parked request at once.
 func TestCloseUnparks(t *testing.T) {
 	noLeaks(t)
-	w := newWorld(t, sdpback.Policy{rule(t, "sdp 10.9.0.0/24")}, sockfs.Options{})
-	dialServe(t, w.peerSt, 7, echo)
+	w := echoWorld(t, sockfs.Options{})
 	g := w.as(1000)
 	var files []*file
 	defer func() {
@@ -463,11 +451,8 @@ func TestCloseUnparks(t *testing.T) {
 	}()
 	done := make(chan string, 8)
 	for i := 0; i < 3; i++ {
-		ctl, n := g.clone()
+		ctl, n := g.dial("10.9.0.20!7")
 		files = append(files, ctl)
-		if errno := ctl.write("connect 10.9.0.20!7"); errno != 0 {
-			t.Fatal(errno)
-		}
 		data := g.mustOpen("tcp/"+n+"/data", syscall.O_RDWR)
 		files = append(files, data)
 		go func() {
@@ -551,8 +536,7 @@ func TestOwnership(t *testing.T) {
 // directories are bounded.
 func TestLifetime(t *testing.T) {
 	noLeaks(t)
-	w := newWorld(t, sdpback.Policy{rule(t, "sdp 10.9.0.0/24")}, sockfs.Options{MaxIdle: 2})
-	dialServe(t, w.peerSt, 7, echo)
+	w := echoWorld(t, sockfs.Options{MaxIdle: 2})
 	g := w.as(1000)
 	ctl0, n0 := g.clone()
 	ctl1, n1 := g.clone()
@@ -655,13 +639,9 @@ func TestInterruptListen(t *testing.T) {
 // the filesystem serving: a new clone works and gets number 0 again.
 func TestResetSession(t *testing.T) {
 	noLeaks(t)
-	w := newWorld(t, sdpback.Policy{rule(t, "sdp 10.9.0.0/24")}, sockfs.Options{})
-	dialServe(t, w.peerSt, 7, echo)
+	w := echoWorld(t, sockfs.Options{})
 	g := w.as(1000)
-	ctl, n := g.clone()
-	if errno := ctl.write("connect 10.9.0.20!7"); errno != 0 {
-		t.Fatal(errno)
-	}
+	ctl, n := g.dial("10.9.0.20!7")
 	data := g.mustOpen("tcp/"+n+"/data", syscall.O_RDWR)
 	old, _, errno := g.lookup("tcp/" + n + "/status")
 	if errno != 0 {
