@@ -38,6 +38,11 @@ type Config struct {
 	// Exports publish host TCP services on the host's fabric address.
 	Exports []ExportConfig `json:"exports"`
 	VMs     []VMConfig     `json:"vms"`
+	// Touch, when set, receives every copy the pure-Go provider makes to
+	// or from registered memory (tests and the demo count host copies
+	// with it; see VM.GuestKeys). It runs on the provider's data path:
+	// it must be quick and must not call back into the daemon.
+	Touch func(soft.Touch) `json:"-"`
 }
 
 // Fabric configures the soft provider's fabric (ignored by rdma-core,
@@ -181,6 +186,25 @@ func (m *memReg) close() {
 	m.tables = nil
 }
 
+// GuestKeys returns the local keys of the guest memory regions registered
+// so far for the VM's current front-end: a provider copy record with one
+// of these keys touched guest memory itself, anything else a host buffer.
+func (v *VM) GuestKeys() map[uint32]bool {
+	v.mu.Lock()
+	reg := v.reg
+	v.mu.Unlock()
+	keys := map[uint32]bool{}
+	if reg == nil {
+		return keys
+	}
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	for _, mr := range reg.mrs {
+		keys[mr.LKey()] = true
+	}
+	return keys
+}
+
 // Device returns the VM's current vsock device (nil before QEMU connects).
 func (v *VM) Device() *vsock.Device {
 	v.mu.Lock()
@@ -219,7 +243,7 @@ func Start(cfg *Config, log *logrus.Logger) (d *Daemon, err error) {
 	}
 	table := soft.NewTable()
 	nw := soft.NewNetwork()
-	opts := soft.Options{Name: "soft0", Addrs: addrs, Table: table, Network: nw}
+	opts := soft.Options{Name: "soft0", Addrs: addrs, Table: table, Network: nw, Touch: cfg.Touch}
 	if cfg.Fabric.Listen != "" {
 		if opts.Listen, err = soft.ParseEndpoint(cfg.Fabric.Listen); err != nil {
 			return nil, err
