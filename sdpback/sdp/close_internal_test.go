@@ -23,18 +23,8 @@ import (
 // only inside its own calls, so the engine can be held in any close state.
 func peerPair(t *testing.T, cfg Config) (*Conn, *ibsdp.Conn, [2]*soft.Device) {
 	t.Helper()
-	table, nw := soft.NewTable(), soft.NewNetwork()
 	a1, a2 := netip.MustParseAddr("10.9.1.1"), netip.MustParseAddr("10.9.1.2")
-	open := func(name string, a netip.Addr) *soft.Device {
-		d, err := soft.Open(soft.Options{Name: name, Addrs: []netip.Addr{a}, Table: table, Network: nw, AckTimeout: 300 * time.Millisecond})
-		if err != nil {
-			t.Fatal(err)
-		}
-		table.Set(a, d.Endpoint())
-		t.Cleanup(func() { d.Close() })
-		return d
-	}
-	da, db := open("a", a1), open("b", a2)
+	da, db := softPair(t, a1, a2)
 	cfg.Device, cfg.Addr = da, a1
 	s, err := New(cfg)
 	if err != nil {
@@ -144,8 +134,15 @@ func TestDisConnEveryState(t *testing.T) {
 			withUnread(t, c, p)
 			closeWrite(t, c, p)
 		}, [3]outcome{{"TIME_WAIT", rdDataEOF, wrEPIPE, false}, reset, reset}},
+		// A disconnect after the peer's DisConn is TCP's RST after a FIN
+		// (gen2, ref §3.5): what the peer sent stays readable, then EOF;
+		// writes get EPIPE.
 		{"after the peer's DisConn", "CLOSE_WAIT", func(t *testing.T, c *Conn, p *ibsdp.Conn, _ *manualClock) { peerFin(t, c, p) },
-			[3]outcome{{"RESET", rdProtocol, wrReset, true}, reset, reset}},
+			[3]outcome{{"RESET", rdProtocol, wrReset, true}, reset, {"RESET", rdEOF, wrEPIPE, true}}},
+		{"after the peer's DisConn with unread data", "CLOSE_WAIT", func(t *testing.T, c *Conn, p *ibsdp.Conn, _ *manualClock) {
+			withUnread(t, c, p)
+			peerFin(t, c, p)
+		}, [3]outcome{{"RESET", rdProtocol, wrReset, true}, reset, {"RESET", rdDataEOF, wrEPIPE, true}}},
 		{"both DisConns, ours last", "LAST_ACK", func(t *testing.T, c *Conn, p *ibsdp.Conn, _ *manualClock) {
 			peerFin(t, c, p)
 			if err := c.CloseWrite(); err != nil {

@@ -136,6 +136,8 @@ type Conn struct {
 	finSlot      int    // control slot carrying our DisConn (-1: not posted)
 	finSent      bool   // our DisConn completed
 	rxq          []rxSeg
+	tail         []byte // unread bytes kept when the peer disconnected after its DisConn
+	pipe         bool   // that reset: reads end in EOF, writes fail with EPIPE
 	rxBytes      int
 	peerFin      bool
 	freeData     []int
@@ -332,6 +334,18 @@ func (c *Conn) onDisconnect() {
 		// then) and we have its own.
 		c.state = stTimeWait
 		c.maybeTeardown()
+	case c.state == stCloseWait:
+		// The peer's DisConn came first, so everything it sent is here;
+		// then it stopped waiting for ours (an abortive close after its
+		// half close, or its close timer). As TCP after a FIN and then a
+		// RST (and gen2, ref §3.5): what it sent stays readable, reads
+		// then end in EOF, and writes fail with EPIPE.
+		var tail []byte
+		for _, seg := range c.rxq {
+			tail = append(tail, c.rxBuf(seg.slot)[seg.off:seg.end]...)
+		}
+		c.resetLocked(fmt.Errorf("%w: peer disconnected after its DisConn", ErrAborted))
+		c.tail, c.rxBytes, c.pipe = tail, len(tail), true
 	case c.state != stReset:
 		c.resetLocked(fmt.Errorf("%w: peer disconnected in %v", ErrAborted, c.state))
 	}
@@ -804,7 +818,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 		if c.userClosed {
 			return 0, c.opErr("read", net.ErrClosed)
 		}
-		if len(c.rxq) > 0 {
+		if len(c.rxq) > 0 || len(c.tail) > 0 {
 			if len(p) == 0 {
 				return 0, nil
 			}
@@ -812,7 +826,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 			n := c.consume(func(b []byte) int { k := copy(p[off:], b); off += k; return k }, len(p))
 			return n, nil
 		}
-		if c.state == stReset {
+		if c.state == stReset && !c.pipe {
 			return 0, c.opErr("read", c.err)
 		}
 		if c.peerFin || c.released {
@@ -831,8 +845,17 @@ func (c *Conn) Read(p []byte) (int, error) {
 // receive slots. Caller holds c.mu.
 func (c *Conn) consume(put func([]byte) int, max int) int {
 	if c.released || c.state == stReset {
-		c.rxq, c.rxBytes = nil, 0 // the buffers are gone
-		return 0
+		c.rxq = nil // the buffers are gone; a tail kept at the reset is all there is
+		n := 0
+		for n < max && len(c.tail) > 0 {
+			k := put(c.tail[:min(len(c.tail), max-n)])
+			if k == 0 {
+				break
+			}
+			c.tail, n = c.tail[k:], n+k
+		}
+		c.rxBytes = len(c.tail)
+		return n
 	}
 	n := 0
 	var drained []int
@@ -906,6 +929,8 @@ func (c *Conn) writable() error {
 	switch {
 	case c.userClosed:
 		return net.ErrClosed
+	case c.state == stReset && c.pipe:
+		return errors.Join(syscall.EPIPE, c.err)
 	case c.state == stReset:
 		return c.err
 	case c.wrClosed || c.released:
@@ -1088,7 +1113,7 @@ func (c *Conn) ReadTo(dst [][]byte) (n int, eof bool, err error) {
 	}
 	if n == 0 {
 		switch {
-		case c.state == stReset:
+		case c.state == stReset && !c.pipe:
 			return 0, false, c.err
 		case c.peerFin || c.released:
 			return 0, true, nil

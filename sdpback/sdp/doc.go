@@ -17,7 +17,9 @@
 // message while data is unacknowledged, with a back-stop timer, unless
 // SetNoDelay. Close follows the DisConn state machine with a timeout;
 // close with unread data, Abort, any failed completion or a peer's
-// disconnect out of turn reset the stream (ECONNRESET). Keepalive is a
+// disconnect out of turn reset the stream (ECONNRESET) — except a
+// disconnect after the peer's own DisConn, TCP's RST after a FIN: what the
+// peer sent stays readable, then EOF, and writes get EPIPE. Keepalive is a
 // zero-length RDMA WRITE. A peer's Read-ZCopy offer (SrcAvail) is answered
 // with SendSM so it falls back to BCopy, and its inline bytes are kept.
 //
@@ -25,7 +27,8 @@
 //
 // At the net.Conn edge: *net.OpError wrapping ECONNREFUSED, ENETUNREACH,
 // ETIMEDOUT (dial), ECONNRESET (reset; also wraps ErrProtocol or
-// ErrAborted with the cause), EPIPE (write after CloseWrite), io.EOF,
+// ErrAborted with the cause), EPIPE (write after CloseWrite, or after the
+// peer's DisConn and then its disconnect), io.EOF,
 // net.ErrClosed and os.ErrDeadlineExceeded.
 //
 // # Threat model
