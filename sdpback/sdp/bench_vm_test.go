@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/vsdp/vsdp/vmtest"
+	"github.com/vsdp/vsdp/vmtest/perftest"
 )
 
 // ulpTable is the VM-tier table of the ULP comparison (make bench).
@@ -28,16 +29,9 @@ func ulpCompare(ctx context.Context, t *testing.T, f *vmtest.Fabric) {
 		env := func(i int, extra ...string) []string {
 			return append([]string{envDevice + "=" + vmtest.RXEDevice, envAddr + "=" + f.IPs[i], envULP + "=" + transport}, extra...)
 		}
-		srv, err := b.Start(ctx, vmtest.Cmd{Args: run, Env: env(1, envRole+"=server"), Timeout: 5 * time.Minute, MaxOutput: 1 << 20})
-		if err != nil {
-			t.Fatal(err)
-		}
-		cr, err := a.Exec(ctx, vmtest.Cmd{Args: run, Env: env(0, envRole+"=client", envPeer+"="+f.IPs[1]), Timeout: 5 * time.Minute, MaxOutput: 1 << 20})
-		if err != nil {
-			srv.Stop(ctx)
-			t.Fatal(err)
-		}
-		sr, err := srv.Wait(ctx)
+		cr, sr, err := f.RunPair(ctx,
+			vmtest.Cmd{Args: run, Env: env(1, envRole+"=server"), Timeout: 5 * time.Minute, MaxOutput: 1 << 20},
+			vmtest.Cmd{Args: run, Env: env(0, envRole+"=client", envPeer+"="+f.IPs[1]), Timeout: 5 * time.Minute, MaxOutput: 1 << 20})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -63,11 +57,13 @@ func ulpCompare(ctx context.Context, t *testing.T, f *vmtest.Fabric) {
 	if t.Failed() {
 		return
 	}
-	bw, err := perftestRun(ctx, f, []string{"ib_send_bw", "-d", vmtest.RXEDevice, "-F", "-p", "18640", "-s", "65536", "-n", "128", "-t", "16"}, 65536, 5, 3)
+	bw, err := perftest.Run(ctx, f, []string{"ib_send_bw", "-d", vmtest.RXEDevice, "-F", "-p", "18640", "-s", "65536", "-n", "128", "-t", "16"},
+		func(out string) (float64, error) { return perftest.BW(out, 65536) })
 	if err != nil {
 		t.Errorf("ib_send_bw: %v", err)
 	}
-	lat, err := perftestRun(ctx, f, []string{"ib_send_lat", "-d", vmtest.RXEDevice, "-F", "-p", "18641", "-s", "64", "-n", "200"}, 64, 7, 5)
+	lat, err := perftest.Run(ctx, f, []string{"ib_send_lat", "-d", vmtest.RXEDevice, "-F", "-p", "18641", "-s", "64", "-n", "200"},
+		func(out string) (float64, error) { return perftest.Lat(out, 64) })
 	if err != nil {
 		t.Errorf("ib_send_lat: %v", err)
 	}
@@ -87,56 +83,3 @@ func ulpCompare(ctx context.Context, t *testing.T, f *vmtest.Fabric) {
 }
 
 var ulpRE = regexp.MustCompile(`(?m)^ULP (\w+ \w+) ([0-9.]+)$`)
-
-// perftestRun runs a perftest tool's server in guest 1 and its client in
-// guest 0, and returns field col of the client's result row for size
-// (width fields at least). A 0 result (its clock calibration fails now and
-// then under TCG) is retried once.
-func perftestRun(ctx context.Context, f *vmtest.Fabric, args []string, size, width, col int) (float64, error) {
-	a, b := f.Guests[0], f.Guests[1]
-	for attempt := 0; ; attempt++ {
-		srv, err := b.Start(ctx, vmtest.Cmd{Args: args, Timeout: time.Minute})
-		if err != nil {
-			return 0, err
-		}
-		var r *vmtest.Result
-		for try := 0; try < 20; try++ {
-			time.Sleep(300 * time.Millisecond)
-			r, err = a.Exec(ctx, vmtest.Cmd{Args: append(args, f.IPs[1]), Timeout: time.Minute})
-			if err != nil || r.ExitCode == 0 || !strings.Contains(string(r.Stdout)+string(r.Stderr), "Couldn't connect") {
-				break
-			}
-		}
-		srv.Stop(ctx)
-		if err != nil {
-			return 0, err
-		}
-		if err := r.Err(); err != nil {
-			return 0, fmt.Errorf("%w\n%s%s", err, r.Stdout, r.Stderr)
-		}
-		v, err := perftestField(string(r.Stdout), size, width, col)
-		if err != nil {
-			return 0, fmt.Errorf("%w\n%s", err, r.Stdout)
-		}
-		if v > 0 || attempt > 0 {
-			if v == 0 {
-				return 0, fmt.Errorf("%s reported 0 twice", args[0])
-			}
-			return v, nil
-		}
-	}
-}
-
-// perftestField returns field col of perftest's result row for size: the
-// row starting with the size and an iteration count, width fields or more.
-func perftestField(out string, size, width, col int) (float64, error) {
-	for _, line := range strings.Split(out, "\n") {
-		f := strings.Fields(line)
-		if len(f) >= width && f[0] == strconv.Itoa(size) {
-			if _, err := strconv.Atoi(f[1]); err == nil {
-				return strconv.ParseFloat(f[col], 64)
-			}
-		}
-	}
-	return 0, fmt.Errorf("no result row for %d-byte messages", size)
-}

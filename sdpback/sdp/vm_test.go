@@ -62,16 +62,9 @@ func TestVMSDPOverIbv(t *testing.T) {
 	})
 	t.Run("echo across the link", func(t *testing.T) {
 		run := []string{sdpGuestBinary, "-test.run", "^TestGuestSDPPeer$", "-test.v", "-test.count=1", "-test.timeout=4m"}
-		srv, err := b.Start(ctx, vmtest.Cmd{Args: run, Env: env(1, envRole+"=server"), Timeout: 5 * time.Minute, MaxOutput: 1 << 20})
-		if err != nil {
-			t.Fatal(err)
-		}
-		cr, err := a.Exec(ctx, vmtest.Cmd{Args: run, Env: env(0, envRole+"=client", envPeer+"="+f.IPs[1]), Timeout: 5 * time.Minute, MaxOutput: 1 << 20})
-		if err != nil {
-			srv.Stop(ctx)
-			t.Fatal(err)
-		}
-		sr, err := srv.Wait(ctx)
+		cr, sr, err := f.RunPair(ctx,
+			vmtest.Cmd{Args: run, Env: env(1, envRole+"=server"), Timeout: 5 * time.Minute, MaxOutput: 1 << 20},
+			vmtest.Cmd{Args: run, Env: env(0, envRole+"=client", envPeer+"="+f.IPs[1]), Timeout: 5 * time.Minute, MaxOutput: 1 << 20})
 		if err != nil {
 			t.Fatal(err)
 		}

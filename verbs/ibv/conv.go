@@ -160,3 +160,12 @@ func rnrTimerCode(d time.Duration) (code uint8, ok bool) {
 func rnrTimerDuration(code uint8) time.Duration {
 	return time.Duration(rnrTimerUsec[code&31]) * time.Microsecond
 }
+
+// ackTimeoutDuration decodes a local ACK timeout (IBA 9.7.6.1.3):
+// 4.096 µs × 2^code, where 0 means no timeout (returned as 0).
+func ackTimeoutDuration(code int) time.Duration {
+	if code <= 0 || code > 31 {
+		return 0
+	}
+	return time.Duration(4096<<code) * time.Nanosecond
+}

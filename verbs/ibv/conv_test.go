@@ -184,6 +184,25 @@ func TestRNRTimerCode(t *testing.T) {
 	}
 }
 
+func TestAckTimeoutDuration(t *testing.T) {
+	for _, tt := range []struct {
+		code int
+		want time.Duration
+	}{
+		{0, 0}, // no timeout
+		{-1, 0},
+		{32, 0},
+		{1, 8192 * time.Nanosecond},
+		{14, 67108864 * time.Nanosecond}, // perftest's default: 67 ms
+		{17, 536870912 * time.Nanosecond},
+		{31, 4096 << 31 * time.Nanosecond},
+	} {
+		if got := ackTimeoutDuration(tt.code); got != tt.want {
+			t.Errorf("ackTimeoutDuration(%d) = %v, want %v", tt.code, got, tt.want)
+		}
+	}
+}
+
 func TestErrnoSentinel(t *testing.T) {
 	tests := []struct {
 		errno syscall.Errno

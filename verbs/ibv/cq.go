@@ -90,6 +90,36 @@ func (c *cq) Cap() int { return c.size }
 
 // Poll moves up to len(wc) completions into wc with one call into C.
 func (c *cq) Poll(wc []verbs.Completion) (int, error) {
+	return c.poll(wc, 0)
+}
+
+// spinPolls bounds the empty polls one call into C makes for Spin before it
+// comes back to Go to check the context and whether the queue is closing
+// (and so lets Close, which waits for calls inside C, get in).
+const spinPolls = 64
+
+// Spin busy-polls the queue on the calling goroutine until it returns at
+// least one completion, fails, or ctx ends: each call into C polls up to
+// spinPolls times before it returns empty, so an idle wait costs one cgo
+// transition per spinPolls polls, not one per poll.
+func (c *cq) Spin(ctx context.Context, wc []verbs.Completion) (int, error) {
+	if len(wc) == 0 {
+		return 0, verbs.ErrInvalid
+	}
+	for {
+		n, err := c.poll(wc, spinPolls)
+		if n > 0 || err != nil {
+			return n, err
+		}
+		if err := ctx.Err(); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// poll moves up to len(wc) completions into wc with one call into C; with
+// spins > 0 that call busy-polls up to spins times while the queue is empty.
+func (c *cq) poll(wc []verbs.Completion, spins int) (int, error) {
 	if len(wc) == 0 {
 		return 0, nil
 	}
@@ -103,7 +133,12 @@ func (c *cq) Poll(wc []verbs.Completion) (int, error) {
 	if len(c.scratch) < want {
 		c.scratch = make([]C.struct_vsdp_wc, want)
 	}
-	r := int(C.vsdp_poll_cq(c.cq, &c.scratch[0], C.int(want)))
+	var r int
+	if spins > 0 {
+		r = int(C.vsdp_spin_cq(c.cq, &c.scratch[0], C.int(want), C.int(spins)))
+	} else {
+		r = int(C.vsdp_poll_cq(c.cq, &c.scratch[0], C.int(want)))
+	}
 	for i := 0; i < r; i++ {
 		wc[i] = completion(&c.scratch[i], c.dev.rxe)
 	}
@@ -213,4 +248,41 @@ func (c *cq) Close() error {
 	d.res.CQs--
 	d.mu.Unlock()
 	return err
+}
+
+// Spinner is implemented by this provider's completion queues (the
+// verbs.CQ that Device.CreateCQ returns).
+type Spinner interface {
+	// Spin busy-polls until at least one completion is in wc, the queue
+	// fails, or ctx ends.
+	Spin(ctx context.Context, wc []verbs.Completion) (int, error)
+}
+
+var _ Spinner = (*cq)(nil)
+
+// Spin returns at least one completion of q, busy-polling on the calling
+// goroutine: no completion channel, no other goroutine, no sleep. A queue of
+// this provider spins in C (Spinner), spinPolls empty polls per cgo call,
+// the way a C program's polling loop does; any other verbs.CQ is polled
+// from Go. ctx is checked between calls into C (every spinPolls empty
+// polls). Spinning holds the calling thread's CPU: it is for latency tests
+// and dedicated polling threads, not for general waiting (verbs.PollWait).
+func Spin(ctx context.Context, q verbs.CQ, wc []verbs.Completion) (int, error) {
+	if s, ok := q.(Spinner); ok {
+		return s.Spin(ctx, wc)
+	}
+	if len(wc) == 0 {
+		return 0, verbs.ErrInvalid
+	}
+	for i := 1; ; i++ {
+		n, err := q.Poll(wc)
+		if n > 0 || err != nil {
+			return n, err
+		}
+		if i%spinPolls == 0 {
+			if err := ctx.Err(); err != nil {
+				return 0, err
+			}
+		}
+	}
 }

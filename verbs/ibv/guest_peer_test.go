@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"testing"
 	"time"
 
@@ -121,7 +122,7 @@ func peerServer(ctx context.Context, t *testing.T, d *Device, addr netip.Addr, s
 	wc := make([]verbs.Completion, 32)
 	var pending []verbs.Completion
 	var repost []verbs.RecvWR
-	recv := func(spin bool) []byte {
+	recv := func(wait waitFunc) []byte {
 		t.Helper()
 		for {
 			for len(pending) > 0 {
@@ -142,7 +143,7 @@ func peerServer(ctx context.Context, t *testing.T, d *Device, addr netip.Addr, s
 				}
 				repost = repost[:0]
 			}
-			k, err := waitCQ(ctx, s.cq, wc, spin)
+			k, err := wait(ctx, s.cq, wc)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -155,12 +156,12 @@ func peerServer(ctx context.Context, t *testing.T, d *Device, addr netip.Addr, s
 	h := sha256.New()
 	start := time.Now()
 	for n := 0; n < streamed; {
-		data := recv(false)
+		data := recv(verbs.PollWait)
 		h.Write(data)
 		n += len(data)
 	}
 	t.Logf("received %d bytes by SEND in %v", streamed, time.Since(start))
-	digest := recv(false)
+	digest := recv(verbs.PollWait)
 	if len(digest) != 64 {
 		t.Fatalf("digest message of %d bytes", len(digest))
 	}
@@ -171,16 +172,22 @@ func peerServer(ctx context.Context, t *testing.T, d *Device, addr netip.Addr, s
 		t.Error("RDMA WRITE area digest differs")
 	}
 
-	// Echo the ping-pongs: polling, then on events, as the client does.
-	for i := 0; i < 2*(peerLatWarm+peerLatIters); i++ {
-		spin := i < peerLatWarm+peerLatIters
-		ping := recv(spin)
-		if len(ping) != peerLatSize {
-			t.Fatalf("ping %d of %d bytes", i, len(ping))
-		}
-		copy(s.buf(), ping)
-		if err := s.qp.PostSend([]verbs.SendWR{{ID: uint64(i), Op: verbs.OpSend, Flags: verbs.SendSignaled, SGL: []verbs.SGE{s.sge(0, peerLatSize)}}}); err != nil {
-			t.Fatal(err)
+	// Echo the ping-pongs, waiting and signalling as the client does.
+	i := 0
+	for _, b := range latSchedule() {
+		for j := 0; j < b.n; j, i = j+1, i+1 {
+			ping := recv(b.mode.wait)
+			if len(ping) != peerLatSize {
+				t.Fatalf("%s ping %d of %d bytes", b.mode.name, i, len(ping))
+			}
+			copy(s.buf(), ping)
+			var flags verbs.SendFlags
+			if b.mode.signaled(i) {
+				flags = verbs.SendSignaled
+			}
+			if err := s.qp.PostSend([]verbs.SendWR{{ID: uint64(i), Op: verbs.OpSend, Flags: flags, SGL: []verbs.SGE{s.sge(0, peerLatSize)}}}); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 	if e := nextEventOf(t, c, verbs.EventDisconnected, 60*time.Second); e.Type != verbs.EventDisconnected {
@@ -313,12 +320,14 @@ func peerClient(ctx context.Context, t *testing.T, d *Device, peer netip.Addr, s
 
 	// 64-byte ping-pongs: receive posted first, then the SEND; a round
 	// ends when the echo has arrived and matches. Send completions are
-	// taken as they come (as perftest does), not waited for each round.
+	// taken as they come (as perftest does), not waited for each round;
+	// sent-covered bounds the send queue (a signaled completion covers
+	// every SEND before it).
 	wc := make([]verbs.Completion, 8)
-	sendsOut := 0
-	take := func(spin bool, mode string, i int) (echo bool) {
+	sent, covered := 0, 0
+	take := func(m latMode, i int) (echo bool) {
 		t.Helper()
-		k, err := waitCQ(ctx, s.cq, wc, spin)
+		k, err := m.wait(ctx, s.cq, wc)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -328,43 +337,56 @@ func peerClient(ctx context.Context, t *testing.T, d *Device, peer netip.Addr, s
 			}
 			switch c.Op {
 			case verbs.CompSend:
-				sendsOut--
+				covered = int(c.ID) + 1
 			case verbs.CompRecv:
 				if c.ByteLen != peerLatSize || !bytes.Equal(s.slot(0)[:peerLatSize], s.buf()[:peerLatSize]) {
-					t.Fatalf("%s ping-pong %d: echo of %d bytes differs", mode, i, c.ByteLen)
+					t.Fatalf("%s ping-pong %d: echo of %d bytes differs", m.name, i, c.ByteLen)
 				}
 				echo = true
 			}
 		}
 		return echo
 	}
-	for _, mode := range []string{"poll", "event"} {
-		spin := mode == "poll"
-		var start time.Time
-		for i := 0; i < peerLatWarm+peerLatIters; i++ {
-			if i == peerLatWarm {
-				start = time.Now()
+	rtts := map[string][]time.Duration{} // timed round trips per mode
+	sched := latSchedule()
+	for bi, b := range sched {
+		for j := 0; j < b.n; j++ {
+			r0 := time.Now()
+			for sent-covered >= 32 { // bound the send queue
+				take(b.mode, sent)
 			}
-			for sendsOut >= 32 { // bound the send queue
-				take(spin, mode, i)
-			}
-			binary.BigEndian.PutUint64(s.buf(), uint64(i)<<8|uint64(len(mode)))
+			binary.BigEndian.PutUint64(s.buf(), uint64(sent)<<8|uint64(bi))
 			if err := s.qp.PostRecv([]verbs.RecvWR{{ID: 1 << 32, SGL: []verbs.SGE{s.slotSGE(0)}}}); err != nil {
 				t.Fatal(err)
 			}
-			if err := s.qp.PostSend([]verbs.SendWR{{ID: uint64(i), Op: verbs.OpSend, Flags: verbs.SendSignaled, SGL: []verbs.SGE{s.sge(0, peerLatSize)}}}); err != nil {
+			var flags verbs.SendFlags
+			if b.mode.signaled(sent) || (bi == len(sched)-1 && j == b.n-1) { // the last one covers all
+				flags = verbs.SendSignaled
+			}
+			if err := s.qp.PostSend([]verbs.SendWR{{ID: uint64(sent), Op: verbs.OpSend, Flags: flags, SGL: []verbs.SGE{s.sge(0, peerLatSize)}}}); err != nil {
 				t.Fatal(err)
 			}
-			sendsOut++
-			for !take(spin, mode, i) {
+			sent++
+			for !take(b.mode, sent-1) {
+			}
+			if j >= b.warm {
+				rtts[b.mode.name] = append(rtts[b.mode.name], time.Since(r0))
 			}
 		}
-		el := time.Since(start)
-		t.Logf("%s: %d ping-pongs of %d bytes in %v", mode, peerLatIters, peerLatSize, el.Round(time.Millisecond))
-		fmt.Printf("LAT %s %d %.2f\n", mode, peerLatSize, float64(el.Microseconds())/peerLatIters/2)
 	}
-	for sendsOut > 0 {
-		take(false, "drain", 0)
+	for _, m := range latModes() {
+		r := rtts[m.name]
+		lat, err := perftestAvg(r)
+		if err != nil {
+			t.Fatalf("%s: %v", m.name, err)
+		}
+		slices.Sort(r)
+		t.Logf("%s: %d ping-pongs of %d bytes, round trip min %v median %v max %v", m.name, len(r), peerLatSize,
+			r[0].Round(time.Microsecond), r[len(r)/2].Round(time.Microsecond), r[len(r)-1].Round(time.Microsecond))
+		fmt.Printf("LAT %s %d %.2f\n", m.name, peerLatSize, float64(lat.Nanoseconds())/1e3)
+	}
+	for covered < sent {
+		take(latMode{name: "drain", wait: verbs.PollWait}, sent)
 	}
 
 	if err := c.Disconnect(); err != nil {
@@ -375,13 +397,84 @@ func peerClient(ctx context.Context, t *testing.T, d *Device, peer netip.Addr, s
 	}
 }
 
-// waitCQ returns the next completions: by busy-polling when spin (checking
-// ctx every 1024 empty polls), else as verbs.PollWait does (arm, then wait
-// on the completion channel).
-func waitCQ(ctx context.Context, cq verbs.CQ, wc []verbs.Completion, spin bool) (int, error) {
-	if !spin {
-		return verbs.PollWait(ctx, cq, wc)
+// waitFunc returns the next completions of cq into wc.
+type waitFunc func(ctx context.Context, cq verbs.CQ, wc []verbs.Completion) (int, error)
+
+// latMode is one way to run the ping-pongs: how each side waits for a
+// completion and which SENDs ask for one.
+type latMode struct {
+	name   string
+	wait   waitFunc
+	signal int // every signal-th SEND is signaled; 0 or 1: all
+}
+
+func (m latMode) signaled(i int) bool { return m.signal <= 1 || (i+1)%m.signal == 0 }
+
+// envLatProbe, set by the host, runs every latency variant, interleaved.
+const envLatProbe = "VSDP_IBV_LATPROBE"
+
+// latModes are the ways the ping-pongs run: polled (Spin: busy-polling in
+// C) and on completion events (verbs.PollWait).
+func latModes() []latMode {
+	if os.Getenv(envLatProbe) == "" {
+		return []latMode{{name: "poll", wait: Spin}, {name: "event", wait: verbs.PollWait}}
 	}
+	return []latMode{
+		{name: "gopoll", wait: goPoll},
+		{name: "poll", wait: Spin},
+		{name: "gopoll-unsig", wait: goPoll, signal: 16},
+		{name: "poll-unsig", wait: Spin, signal: 16},
+		{name: "event", wait: verbs.PollWait},
+		{name: "event-unsig", wait: verbs.PollWait, signal: 16},
+	}
+}
+
+// latBlock is a run of n ping-pongs in one mode, the first warm untimed.
+type latBlock struct {
+	mode    latMode
+	n, warm int
+}
+
+// latSchedule is the sequence of ping-pong blocks both sides follow: each
+// mode once (peerLatWarm untimed, peerLatIters timed), or with the probe
+// three interleaved rounds of every variant.
+func latSchedule() []latBlock {
+	var bs []latBlock
+	if os.Getenv(envLatProbe) == "" {
+		for _, m := range latModes() {
+			bs = append(bs, latBlock{m, peerLatWarm + peerLatIters, peerLatWarm})
+		}
+		return bs
+	}
+	for r := 0; r < 3; r++ {
+		for _, m := range latModes() {
+			bs = append(bs, latBlock{m, 10 + peerLatIters/3, 10})
+		}
+	}
+	return bs
+}
+
+// latTail is how many of the slowest round trips perftest's latency tools
+// leave out of t_avg.
+const latTail = 2
+
+// perftestAvg is perftest's t_avg of round trips rtts: the average of all
+// but the latTail slowest, halved.
+func perftestAvg(rtts []time.Duration) (time.Duration, error) {
+	if len(rtts) <= latTail {
+		return 0, fmt.Errorf("%d round trips: too few for an average", len(rtts))
+	}
+	r := slices.Sorted(slices.Values(rtts))
+	var sum time.Duration
+	for _, d := range r[:len(r)-latTail] {
+		sum += d
+	}
+	return sum / time.Duration(2*(len(r)-latTail)), nil
+}
+
+// goPoll busy-polls from Go, one cgo call per poll (checking ctx every
+// 1024 empty polls): the loop Spin replaces.
+func goPoll(ctx context.Context, cq verbs.CQ, wc []verbs.Completion) (int, error) {
 	for i := 1; ; i++ {
 		n, err := cq.Poll(wc)
 		if n > 0 || err != nil {

@@ -171,6 +171,11 @@ type RetryAttrs struct {
 	RNRRetry      int
 	MinRNRTimer   time.Duration
 	MinRNRTimerIB int // the encoded value (IBA table 45)
+	// AckTimeout is the local ACK timeout: how long the requester waits
+	// for an acknowledgement before it retransmits (4.096 µs ×
+	// 2^AckTimeoutIB; 0 when AckTimeoutIB is 0, which waits forever).
+	AckTimeout   time.Duration
+	AckTimeoutIB int // the encoded value
 }
 
 // QueryRetry reports the retry attributes of an ibv queue pair.
@@ -184,8 +189,8 @@ func QueryRetry(v verbs.QP) (RetryAttrs, error) {
 	if q.closing.Load() {
 		return RetryAttrs{}, verbs.ErrClosed
 	}
-	var retry, rnr, timer C.int
-	if rc := C.vsdp_query_qp_retry(q.qp, &retry, &rnr, &timer); rc != 0 {
+	var retry, rnr, timer, timeout C.int
+	if rc := C.vsdp_query_qp_retry(q.qp, &retry, &rnr, &timer, &timeout); rc != 0 {
 		return RetryAttrs{}, rcErr("ibv_query_qp", int(rc))
 	}
 	return RetryAttrs{
@@ -193,6 +198,8 @@ func QueryRetry(v verbs.QP) (RetryAttrs, error) {
 		RNRRetry:      int(rnr),
 		MinRNRTimer:   rnrTimerDuration(uint8(timer)),
 		MinRNRTimerIB: int(timer),
+		AckTimeout:    ackTimeoutDuration(int(timeout)),
+		AckTimeoutIB:  int(timeout),
 	}, nil
 }
 

@@ -135,6 +135,19 @@ int vsdp_poll_cq(struct ibv_cq *cq, struct vsdp_wc *out, int n)
 	return total;
 }
 
+int vsdp_spin_cq(struct ibv_cq *cq, struct vsdp_wc *out, int n, int polls)
+{
+	for (int i = 0; i < polls; i++) {
+		int got = vsdp_poll_cq(cq, out, n);
+		if (got != 0)
+			return got;
+#if defined(__x86_64__) || defined(__i386__)
+		__builtin_ia32_pause();
+#endif
+	}
+	return 0;
+}
+
 int vsdp_req_notify_cq(struct ibv_cq *cq, int solicited_only)
 {
 	return ibv_req_notify_cq(cq, solicited_only);
@@ -461,18 +474,22 @@ int vsdp_query_qp_state(struct ibv_qp *qp, int *state)
 	return 0;
 }
 
-int vsdp_query_qp_retry(struct ibv_qp *qp, int *retry, int *rnr_retry, int *min_rnr_timer)
+int vsdp_query_qp_retry(struct ibv_qp *qp, int *retry, int *rnr_retry, int *min_rnr_timer,
+			int *timeout)
 {
 	struct ibv_qp_attr attr;
 	struct ibv_qp_init_attr init;
 
 	memset(&attr, 0, sizeof(attr));
-	int rc = ibv_query_qp(qp, &attr, IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_MIN_RNR_TIMER, &init);
+	int rc = ibv_query_qp(qp, &attr,
+			      IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_MIN_RNR_TIMER | IBV_QP_TIMEOUT,
+			      &init);
 	if (rc)
 		return rc;
 	*retry = attr.retry_cnt;
 	*rnr_retry = attr.rnr_retry;
 	*min_rnr_timer = attr.min_rnr_timer;
+	*timeout = attr.timeout;
 	return 0;
 }
 

@@ -100,6 +100,9 @@ int vsdp_post_send(struct ibv_qp *qp, const struct vsdp_swr *wrs, int n,
 int vsdp_post_recv(struct ibv_qp *qp, const struct vsdp_rwr *wrs, int n,
 		   const struct ibv_sge *sges, int *bad);
 int vsdp_poll_cq(struct ibv_cq *cq, struct vsdp_wc *out, int n);
+// vsdp_spin_cq busy-polls: up to polls empty polls in C, returning the first
+// non-empty result (or error) or 0.
+int vsdp_spin_cq(struct ibv_cq *cq, struct vsdp_wc *out, int n, int polls);
 int vsdp_req_notify_cq(struct ibv_cq *cq, int solicited_only);
 int vsdp_get_cq_events(struct ibv_comp_channel *ch, struct ibv_cq *want);
 int vsdp_get_cm_event(struct rdma_event_channel *ch, struct vsdp_cm_event *out);
@@ -136,7 +139,8 @@ int vsdp_qp_transition(struct rdma_cm_id *id, struct ibv_qp *qp, int state,
 		       const struct vsdp_qp_over *over);
 
 int vsdp_query_qp_state(struct ibv_qp *qp, int *state);
-int vsdp_query_qp_retry(struct ibv_qp *qp, int *retry, int *rnr_retry, int *min_rnr_timer);
+int vsdp_query_qp_retry(struct ibv_qp *qp, int *retry, int *rnr_retry, int *min_rnr_timer,
+			int *timeout);
 int vsdp_modify_qp_state(struct ibv_qp *qp, int state);
 int vsdp_probe_inline(struct ibv_context *ctx);
 int vsdp_port_link_layer(struct ibv_context *ctx, int port);

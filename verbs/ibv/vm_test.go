@@ -5,6 +5,7 @@ package ibv
 import (
 	"context"
 	"fmt"
+	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"github.com/vsdp/vsdp/images"
 	"github.com/vsdp/vsdp/verbs/verbstest"
 	"github.com/vsdp/vsdp/vmtest"
+	"github.com/vsdp/vsdp/vmtest/perftest"
 )
 
 // guestTests are the tests TestVMIbv runs inside a soft-RoCE guest, all of
@@ -31,6 +33,7 @@ var guestTests = []string{
 	"TestGuestConcurrentClose",
 	"TestGuestRXEWindowBounds",
 	"TestGuestQueueDepth",
+	"TestGuestSpin",
 	"TestGuestConformance",
 }
 
@@ -79,7 +82,11 @@ func TestVMIbv(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	env := func(i int, extra ...string) []string {
-		return append([]string{envDevice + "=" + vmtest.RXEDevice, envAddr + "=" + f.IPs[i]}, extra...)
+		e := []string{envDevice + "=" + vmtest.RXEDevice, envAddr + "=" + f.IPs[i]}
+		if v := os.Getenv(envLatProbe); v != "" {
+			e = append(e, envLatProbe+"="+v) // TestGuestPeer's latency variants
+		}
+		return append(e, extra...)
 	}
 
 	t.Run("loopback", func(t *testing.T) {
@@ -116,16 +123,9 @@ func TestVMIbv(t *testing.T) {
 		// The suite unchanged, across the link: passive half in b, active
 		// half in a.
 		run := []string{guestBinary, "-test.run", "^TestGuestConformancePeer$", "-test.v", "-test.count=1", "-test.timeout=5m"}
-		srv, err := b.Start(ctx, vmtest.Cmd{Args: run, Env: env(1, envRole+"=passive"), Timeout: 6 * time.Minute, MaxOutput: 1 << 20})
-		if err != nil {
-			t.Fatal(err)
-		}
-		cr, err := a.Exec(ctx, vmtest.Cmd{Args: run, Env: env(0, envRole+"=active", envPeer+"="+f.IPs[1]), Timeout: 6 * time.Minute, MaxOutput: 1 << 20})
-		if err != nil {
-			srv.Stop(ctx)
-			t.Fatal(err)
-		}
-		sr, err := srv.Wait(ctx)
+		cr, sr, err := f.RunPair(ctx,
+			vmtest.Cmd{Args: run, Env: env(1, envRole+"=passive"), Timeout: 6 * time.Minute, MaxOutput: 1 << 20},
+			vmtest.Cmd{Args: run, Env: env(0, envRole+"=active", envPeer+"="+f.IPs[1]), Timeout: 6 * time.Minute, MaxOutput: 1 << 20})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -139,16 +139,9 @@ func TestVMIbv(t *testing.T) {
 
 	t.Run("peer", func(t *testing.T) {
 		run := []string{guestBinary, "-test.run", "^TestGuestPeer$", "-test.v", "-test.count=1", "-test.timeout=4m"}
-		srv, err := b.Start(ctx, vmtest.Cmd{Args: run, Env: env(1, envRole+"=server"), Timeout: 5 * time.Minute, MaxOutput: 1 << 20})
-		if err != nil {
-			t.Fatal(err)
-		}
-		cr, err := a.Exec(ctx, vmtest.Cmd{Args: run, Env: env(0, envRole+"=client", envPeer+"="+f.IPs[1]), Timeout: 5 * time.Minute, MaxOutput: 1 << 20})
-		if err != nil {
-			srv.Stop(ctx)
-			t.Fatal(err)
-		}
-		sr, err := srv.Wait(ctx)
+		cr, sr, err := f.RunPair(ctx,
+			vmtest.Cmd{Args: run, Env: env(1, envRole+"=server"), Timeout: 5 * time.Minute, MaxOutput: 1 << 20},
+			vmtest.Cmd{Args: run, Env: env(0, envRole+"=client", envPeer+"="+f.IPs[1]), Timeout: 5 * time.Minute, MaxOutput: 1 << 20})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -171,7 +164,7 @@ func TestVMIbv(t *testing.T) {
 				{"send", "ib_send_bw", "-t"}, {"write", "ib_write_bw", "-t"}, {"read", "ib_read_bw", "-o"},
 			} {
 				port++
-				base, err := perftest(ctx, f, p.tool, port, size, peerCount(size), p.depth, strconv.Itoa(peerWindow))
+				base, err := perftestBW(ctx, f, p.tool, port, size, peerCount(size), p.depth, strconv.Itoa(peerWindow))
 				if err != nil {
 					t.Errorf("%s: %v", p.tool, err)
 					continue
@@ -203,7 +196,7 @@ func TestVMIbv(t *testing.T) {
 			}
 			benchRow(lat, mode+" mode", "verbs/ibv", ours[key], tool, base, "µs")
 		}
-		benchNote(lat, fmt.Sprintf("half the average round trip (perftest's t_avg), %d timed ping-pongs after %d untimed; poll: both sides busy-poll the CQ, event: both wait on the completion channel; lower is better",
+		benchNote(lat, fmt.Sprintf("perftest's t_avg (half the average round trip, the 2 slowest left out), %d timed ping-pongs after %d untimed; poll: both sides busy-poll the CQ (ibv.Spin), event: both wait on the completion channel; lower is better",
 			peerLatIters, peerLatWarm))
 	})
 }
@@ -235,13 +228,12 @@ func benchNote(table, note string) {
 // perftestPort is the first TCP port perftest exchanges QP details on.
 const perftestPort = 18540
 
-// perftest runs a perftest bandwidth tool with n messages of size bytes
+// perftestBW runs a perftest bandwidth tool with n messages of size bytes
 // from guest 0 to guest 1 and returns the client's average in MiB/s
-// (perftest's MB is 2^20 bytes). A 0 result (its clock calibration fails
-// now and then under TCG) is retried once.
-func perftest(ctx context.Context, f *vmtest.Fabric, tool string, port, size, n int, depthFlag, depth string) (float64, error) {
+// (perftest's MB is 2^20 bytes).
+func perftestBW(ctx context.Context, f *vmtest.Fabric, tool string, port, size, n int, depthFlag, depth string) (float64, error) {
 	args := []string{tool, "-d", vmtest.RXEDevice, "-F", "-p", strconv.Itoa(port), "-s", strconv.Itoa(size), "-n", strconv.Itoa(n), depthFlag, depth}
-	return runPerftest(ctx, f, tool, args, func(out string) (float64, error) { return parseBW(out, size) })
+	return perftest.Run(ctx, f, args, func(out string) (float64, error) { return perftest.BW(out, size) })
 }
 
 // perftestLat runs ib_send_lat with 64-byte messages, on events when
@@ -251,72 +243,7 @@ func perftestLat(ctx context.Context, f *vmtest.Fabric, port int, event bool) (f
 	if event {
 		args = append(args, "-e")
 	}
-	return runPerftest(ctx, f, "ib_send_lat", args, func(out string) (float64, error) { return parseLat(out, peerLatSize) })
-}
-
-// runPerftest runs a perftest tool's server in guest 1 and its client in
-// guest 0 and parses the client's output.
-func runPerftest(ctx context.Context, f *vmtest.Fabric, tool string, args []string, parse func(string) (float64, error)) (float64, error) {
-	a, b := f.Guests[0], f.Guests[1]
-	for attempt := 0; ; attempt++ {
-		srv, err := b.Start(ctx, vmtest.Cmd{Args: args, Timeout: time.Minute})
-		if err != nil {
-			return 0, err
-		}
-		// perftest's server needs a moment to listen; the client retries
-		// its TCP connect only briefly, so try a few times.
-		var r *vmtest.Result
-		for try := 0; try < 20; try++ {
-			time.Sleep(300 * time.Millisecond)
-			r, err = a.Exec(ctx, vmtest.Cmd{Args: append(args, f.IPs[1]), Timeout: time.Minute})
-			if err != nil || r.ExitCode == 0 || !strings.Contains(string(r.Stdout)+string(r.Stderr), "Couldn't connect") {
-				break
-			}
-		}
-		srv.Stop(ctx)
-		if err != nil {
-			return 0, err
-		}
-		if err := r.Err(); err != nil {
-			return 0, fmt.Errorf("%w\n%s%s", err, r.Stdout, r.Stderr)
-		}
-		v, err := parse(string(r.Stdout))
-		if err != nil {
-			return 0, fmt.Errorf("%w\n%s", err, r.Stdout)
-		}
-		if v > 0 || attempt > 0 {
-			if v == 0 {
-				return 0, fmt.Errorf("%s reported 0 twice", tool)
-			}
-			return v, nil
-		}
-	}
-}
-
-// parseBW finds perftest's result row ("#bytes #iterations peak average
-// msgrate") for msgSize and returns the average.
-func parseBW(out string, msgSize int) (float64, error) {
-	for _, line := range strings.Split(out, "\n") {
-		f := strings.Fields(line)
-		if len(f) == 5 && f[0] == strconv.Itoa(msgSize) {
-			return strconv.ParseFloat(f[3], 64)
-		}
-	}
-	return 0, fmt.Errorf("no result row for %d-byte messages", msgSize)
-}
-
-// parseLat finds a perftest latency result row ("#bytes #iterations t_min
-// t_max t_typical t_avg ...") for msgSize and returns t_avg.
-func parseLat(out string, msgSize int) (float64, error) {
-	for _, line := range strings.Split(out, "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 7 && f[0] == strconv.Itoa(msgSize) {
-			if _, err := strconv.Atoi(f[1]); err == nil {
-				return strconv.ParseFloat(f[5], 64)
-			}
-		}
-	}
-	return 0, fmt.Errorf("no latency row for %d-byte messages", msgSize)
+	return perftest.Run(ctx, f, args, func(out string) (float64, error) { return perftest.Lat(out, peerLatSize) })
 }
 
 var resultRE = regexp.MustCompile(`(?m)^\s*--- (PASS|FAIL|SKIP): (\S+)`)
