@@ -80,6 +80,7 @@ func (g *guestCtl) recv() ctl.Msg {
 // fabric, and the bytes arrive intact through vhost-user, vsock, sdpback
 // and the SDP engine on the soft provider.
 func TestGuestFetchesExportedServiceOverSDP(t *testing.T) {
+	copies := newCopyLog()
 	const size = 8 << 20
 	target, sum := serveBlob(t, size)
 	dir := t.TempDir()
@@ -89,6 +90,7 @@ func TestGuestFetchesExportedServiceOverSDP(t *testing.T) {
 		Exports: []daemon.ExportConfig{{Port: 8080, Target: target}},
 		VMs: []daemon.VMConfig{{Name: "vm1", Socket: sock, CID: 7, Addr: "10.50.0.7",
 			Policy: []string{"sdp 10.50.0.1:8080", "deny 10.50.0.1:9 ENETUNREACH"}}},
+		Touch: copies.touch,
 	}
 	d, dev, g := startWithGuest(t, cfg)
 	if cid := uint64(dev.Config[0]) | uint64(dev.Config[1])<<8; cid != 7 {
@@ -134,6 +136,15 @@ func TestGuestFetchesExportedServiceOverSDP(t *testing.T) {
 	if vs := d.VMs()[0].Device().Stats(); vs.RxBytes < size || vs.RxBytes > size+1024 { // plus the control replies
 		t.Fatalf("vsock device rx bytes %d", vs.RxBytes)
 	}
+	// Exactly one host copy fabric-to-guest: the provider never wrote into
+	// guest memory (no rkey over it), and the engine copied every byte
+	// once, from its receive buffers into the guest's.
+	if _, written := copies.guest(d.VMs()[0].GuestKeys()); written != 0 {
+		t.Fatalf("provider wrote %d bytes into guest memory, want 0", written)
+	}
+	if es := d.VMs()[0].Back.EngineStats(); es.ReadCopiedBytes != size || es.BytesRecv < size {
+		t.Fatalf("engine copied %d bytes to the guest of %d received, want %d", es.ReadCopiedBytes, es.BytesRecv, size)
+	}
 	s.Close()
 	cc.Close()
 }
@@ -151,10 +162,12 @@ func TestGuestUploadIsZeroCopy(t *testing.T) {
 		sums <- [32]byte(h.Sum(nil))
 	})
 	sock := filepath.Join(t.TempDir(), "vm.sock")
+	copies := newCopyLog()
 	cfg := &daemon.Config{
 		Fabric:  daemon.Fabric{Addr: "10.51.0.1"},
 		Exports: []daemon.ExportConfig{{Port: 9, Target: sink}},
 		VMs:     []daemon.VMConfig{{Name: "vm", Socket: sock, CID: 8, Addr: "10.51.0.8", Policy: []string{"sdp 10.51.0.1:9"}}},
+		Touch:   copies.touch,
 	}
 	d, _, g := startWithGuest(t, cfg)
 	cc, err := g.Dial(ctl.DefaultPort, 5*time.Second)
@@ -200,7 +213,12 @@ func TestGuestUploadIsZeroCopy(t *testing.T) {
 	}
 	// The guest's vsock credit (256 KiB) bounds its chains in flight below
 	// the per-stream hold limit, so nothing is ever copied.
-	if copies := es.CopiedBytes + vs.CopiedBytes; copies != 0 {
-		t.Fatalf("%d bytes copied on the host guest-to-fabric, want zero", copies)
+	if n := es.CopiedBytes + vs.CopiedBytes; n != 0 {
+		t.Fatalf("%d bytes copied on the host guest-to-fabric, want zero", n)
+	}
+	// The provider's own records agree: it read every payload byte
+	// straight from guest memory, and never wrote into it.
+	if read, written := copies.guest(d.VMs()[0].GuestKeys()); read != size || written != 0 {
+		t.Fatalf("provider read %d bytes from guest memory (want %d) and wrote %d into it (want 0)", read, size, written)
 	}
 }

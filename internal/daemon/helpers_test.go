@@ -4,12 +4,14 @@ import (
 	"context"
 	"io"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/sirupsen/logrus"
 	"github.com/vsdp/vsdp/internal/daemon"
 	"github.com/vsdp/vsdp/sdpback/sdp"
+	"github.com/vsdp/vsdp/verbs/soft"
 	"github.com/vsdp/vsdp/vhost/vhosttest"
 	"github.com/vsdp/vsdp/vmtest"
 )
@@ -104,4 +106,47 @@ func guestShell(t *testing.T, ctx context.Context, vm *vmtest.VM, env []string, 
 		t.Fatalf("%s: %v", script, err)
 	}
 	return r
+}
+
+// copyLog tallies the soft provider's copy records (daemon.Config.Touch)
+// by local key: the bytes the provider read from and wrote into each
+// registered region on its own side's behalf.
+type copyLog struct {
+	mu            sync.Mutex
+	read, written map[uint32]uint64
+}
+
+func newCopyLog() *copyLog {
+	return &copyLog{read: map[uint32]uint64{}, written: map[uint32]uint64{}}
+}
+
+func (l *copyLog) touch(t soft.Touch) {
+	if t.Remote {
+		return
+	}
+	l.mu.Lock()
+	if t.Write {
+		l.written[t.Key] += t.Len
+	} else {
+		l.read[t.Key] += t.Len
+	}
+	l.mu.Unlock()
+}
+
+// guest returns the bytes read from and written into the regions whose
+// keys are in guest (the VM's guest memory registrations).
+func (l *copyLog) guest(guest map[uint32]bool) (read, written uint64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for k, n := range l.read {
+		if guest[k] {
+			read += n
+		}
+	}
+	for k, n := range l.written {
+		if guest[k] {
+			written += n
+		}
+	}
+	return read, written
 }

@@ -46,12 +46,21 @@ func TestVMProductPath(t *testing.T) {
 	defer httpLn.Close()
 	go http.Serve(httpLn, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write(b.data) }))
 	echoLn := serveTCP(t, func(c net.Conn) { io.Copy(c, c) })
+	upSums := make(chan string, 1)
+	sinkLn := serveTCP(t, func(c net.Conn) {
+		h := sha256.New()
+		io.Copy(h, c)
+		upSums <- fmt.Sprintf("%x", h.Sum(nil))
+	})
 	sock := filepath.Join(t.TempDir(), "vm.sock")
+	copies := newCopyLog()
 	cfg := &daemon.Config{
-		Fabric:  daemon.Fabric{Addr: "10.60.0.1"},
-		Exports: []daemon.ExportConfig{{Port: 80, Target: httpLn.Addr().String()}, {Port: 7, Target: echoLn}},
+		Fabric: daemon.Fabric{Addr: "10.60.0.1"},
+		Exports: []daemon.ExportConfig{{Port: 80, Target: httpLn.Addr().String()}, {Port: 7, Target: echoLn},
+			{Port: 9, Target: sinkLn}},
 		VMs: []daemon.VMConfig{{Name: "guest", Socket: sock, CID: 5, Addr: "10.60.0.5",
 			Policy: []string{"deny 10.60.0.9:* EACCES", "sdp 10.60.0.0/24"}}},
+		Touch: copies.touch,
 	}
 	d := startDaemon(t, cfg) // before the VMs: QEMU goes before its back-end
 	vm := vmtest.Start(t, vmtest.Options{
@@ -87,7 +96,40 @@ func TestVMProductPath(t *testing.T) {
 		if got := after.BytesRecv - before.BytesRecv; got < size {
 			t.Fatalf("SDP engine received %d bytes for the VM, want at least %d: the path was not SDP", got, size)
 		}
+		// Exactly one host copy per byte fabric-to-guest: the engine's,
+		// from its receive buffers into the guest's; the provider never
+		// writes guest memory.
+		if recv, copied := after.BytesRecv-before.BytesRecv, after.ReadCopiedBytes-before.ReadCopiedBytes; copied != recv {
+			t.Fatalf("engine copied %d bytes into the guest of %d received, want one copy each", copied, recv)
+		}
+		if _, written := copies.guest(d.VMs()[0].GuestKeys()); written != 0 {
+			t.Fatalf("provider wrote %d bytes into guest memory, want 0", written)
+		}
 		t.Logf("wget: %d MiB in %v (%.1f MiB/s, TCG)", size>>20, el.Round(time.Millisecond), float64(size)/(1<<20)/el.Seconds())
+	})
+	t.Run("socat uploads with no host copy", func(t *testing.T) {
+		const up = 8 << 20
+		readBefore, _ := copies.guest(d.VMs()[0].GuestKeys())
+		before, devBefore := back.EngineStats(), d.VMs()[0].Device().Stats()
+		r := sh(fmt.Sprintf("head -c %d /dev/urandom > /tmp/up && sha256sum /tmp/up && /usr/bin/socat -u FILE:/tmp/up TCP:10.60.0.1:9", up))
+		var sum string
+		select {
+		case sum = <-upSums:
+		case <-time.After(time.Minute):
+			t.Fatal("the sink saw no end of stream")
+		}
+		if got := strings.Fields(string(r.Stdout)); r.ExitCode != 0 || len(got) == 0 || got[0] != sum {
+			t.Fatalf("guest sha256 %q (exit %d, stderr %q), sink got %s", r.Stdout, r.ExitCode, r.Stderr, sum)
+		}
+		after, devAfter := back.EngineStats(), d.VMs()[0].Device().Stats()
+		readAfter, _ := copies.guest(d.VMs()[0].GuestKeys())
+		engineCopied, devCopied := after.CopiedBytes-before.CopiedBytes, devAfter.CopiedBytes-devBefore.CopiedBytes
+		t.Logf("upload %d MiB: provider read %d bytes from guest memory; engine copied %d, vsock device copied %d",
+			up>>20, readAfter-readBefore, engineCopied, devCopied)
+		if engineCopied != 0 || devCopied != 0 || readAfter-readBefore != up {
+			t.Fatalf("guest-to-fabric: provider read %d bytes from guest memory (want %d); host copies: engine %d, vsock device %d (want 0)",
+				readAfter-readBefore, up, engineCopied, devCopied)
+		}
 	})
 	t.Run("socat through the echo export", func(t *testing.T) {
 		r := sh("echo hello-over-sdp | /usr/bin/socat -t 5 - TCP:10.60.0.1:7")
