@@ -6,8 +6,10 @@
 // Stage 1 drives the device with the fake vhost-user front-end (a
 // simulated guest driver in this process). Stage 2, when QEMU and the guest
 // kernel are installed (make deps) and the guest socket switch is built,
-// boots a real guest with no network but the device and runs an unmodified
-// program (GNU wget under libvsdp.so) against the same export.
+// boots a real guest with no network but vsdpd's devices and runs an
+// unmodified program (GNU wget under libvsdp.so) against the same export;
+// stage 3, in the same guest, has a busybox shell fetch the same bytes
+// through the socket filesystem (/net, virtio-fs).
 package main
 
 import (
@@ -36,6 +38,7 @@ const (
 	vmFabric   = "10.77.0.3"
 	exportPort = 80
 	echoPort   = 7
+	rawPort    = 81 // the same bytes as /blob, raw: for the shell in stage 3
 	vmCID      = 3
 )
 
@@ -95,20 +98,36 @@ func run(size int, withVM bool) error {
 		}
 	}()
 
+	rawLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	defer rawLn.Close()
+	go func() {
+		for {
+			c, err := rawLn.Accept()
+			if err != nil {
+				return
+			}
+			go func() { c.Write(b.data); c.Close() }()
+		}
+	}()
+
 	dir, err := os.MkdirTemp("", "vsdp-demo")
 	if err != nil {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	sock := filepath.Join(dir, "vm.sock")
+	sock, fsSock := filepath.Join(dir, "vm.sock"), filepath.Join(dir, "fs.sock")
 	cfg := &daemon.Config{
 		Provider: "auto",
 		Fabric:   daemon.Fabric{Addr: hostFabric},
 		Exports: []daemon.ExportConfig{
 			{Port: exportPort, Target: httpLn.Addr().String()},
 			{Port: echoPort, Target: echoLn.Addr().String()},
+			{Port: rawPort, Target: rawLn.Addr().String()},
 		},
-		VMs: []daemon.VMConfig{{Name: "demo", Socket: sock, CID: vmCID, Addr: vmFabric,
+		VMs: []daemon.VMConfig{{Name: "demo", Socket: sock, FSSocket: fsSock, CID: vmCID, Addr: vmFabric,
 			Policy: []string{fmt.Sprintf("sdp %s:*", hostFabric)}}},
 	}
 	log := logrus.New()
@@ -119,9 +138,10 @@ func run(size int, withVM bool) error {
 	}
 	defer d.Close()
 	fmt.Printf("vsdpd: provider soft (no HCA on this host), host fabric address %s\n", hostFabric)
-	fmt.Printf("       export %s:%d -> host HTTP %s (a %d MiB file), %s:%d -> host echo\n",
-		hostFabric, exportPort, httpLn.Addr(), size>>20, hostFabric, echoPort)
-	fmt.Printf("       VM %q: CID %d, fabric address %s, vhost-user socket %s\n\n", "demo", vmCID, vmFabric, sock)
+	fmt.Printf("       export %s:%d -> host HTTP %s (a %d MiB file), %s:%d -> host echo, %s:%d -> the same file raw\n",
+		hostFabric, exportPort, httpLn.Addr(), size>>20, hostFabric, echoPort, hostFabric, rawPort)
+	fmt.Printf("       VM %q: CID %d, fabric address %s, vhost-user sockets %s (vsock), %s (socket filesystem)\n\n",
+		"demo", vmCID, vmFabric, sock, fsSock)
 
 	if err := stage1(d, sock, b); err != nil {
 		return fmt.Errorf("stage 1: %w", err)
@@ -131,7 +151,7 @@ func run(size int, withVM bool) error {
 		fmt.Println("stage 2 (a real guest under QEMU) skipped: -vm=false")
 		return nil
 	}
-	return stage2(d, sock, b)
+	return stage2(d, sock, fsSock, b)
 }
 
 // stage1 plays QEMU and the guest's vsock driver in process.

@@ -15,10 +15,11 @@ import (
 	"github.com/vsdp/vsdp/vmtest"
 )
 
-// stage2 boots a real guest (QEMU, TCG) whose only device out is vsdpd's
-// vsock device, and runs GNU wget under libvsdp.so against the export.
-func stage2(d *daemon.Daemon, sock string, b *blob) error {
-	fmt.Println("stage 2: a real guest under QEMU (TCG), no network but the vsock device")
+// stage2 boots a real guest (QEMU, TCG) whose only devices out are vsdpd's
+// vsock device and socket filesystem, and runs GNU wget under libvsdp.so
+// against the export; then stage 3 in the same guest.
+func stage2(d *daemon.Daemon, sock, fsSock string, b *blob) error {
+	fmt.Println("stage 2: a real guest under QEMU (TCG), no network but vsdpd's devices")
 	root, err := images.FindModuleRoot(".")
 	if err != nil {
 		return err
@@ -56,7 +57,8 @@ func stage2(d *daemon.Daemon, sock string, b *blob) error {
 				{Path: "/etc/vsdp.conf", Data: conf},
 			},
 		},
-		VhostUser: []vmtest.VhostUser{{Kind: vmtest.VhostVsock, Socket: sock}},
+		VhostUser: []vmtest.VhostUser{{Kind: vmtest.VhostVsock, Socket: sock},
+			{Kind: vmtest.VhostFS, Socket: fsSock, Tag: "vsdpnet"}},
 	}
 	t0 := time.Now()
 	vm, err := vmtest.Boot(ctx, opts)
@@ -89,5 +91,40 @@ func stage2(d *daemon.Daemon, sock string, b *blob) error {
 	fmt.Printf("  fetched              %d bytes through the device, sha256 matches\n", n)
 	fmt.Printf("  throughput           %.1f MiB/s (TCG guest, including wget and sha256sum in the guest)\n", float64(len(b.data))/(1<<20)/el.Seconds())
 	fmt.Printf("  path                 SDP: %d dials from the guest, %d denied\n", after.Dials-before.Dials, after.Denied-before.Denied)
+	fmt.Println()
+	return stage3(ctx, d, vm, b)
+}
+
+// stage3 has a busybox shell in the same guest (no LD_PRELOAD: a static
+// binary) fetch the export's raw bytes through the socket filesystem.
+func stage3(ctx context.Context, d *daemon.Daemon, vm *vmtest.VM, b *blob) error {
+	fmt.Println("stage 3: the same guest's busybox shell through the socket filesystem (virtio-fs /net)")
+	script := fmt.Sprintf(`mkdir -p /net && mount -t virtiofs vsdpnet /net || exit 1
+exec 3<>/net/tcp/clone; read n <&3
+echo "connect %s!%d" >&3 || exit 1
+dd if=/net/tcp/$n/data of=/tmp/blob bs=1M 2>/dev/null; sha256sum /tmp/blob; rm /tmp/blob
+echo "status: $(cat /net/tcp/$n/status)"; echo "stats: $(tr '\n' ' ' < /net/tcp/$n/stats)"`, hostFabric, rawPort)
+	before := d.VMs()[0].Back.Stats()
+	t0 := time.Now()
+	res, err := vm.Exec(ctx, vmtest.Cmd{Args: []string{"/bin/sh", "-c", script}, Timeout: 3 * time.Minute})
+	el := time.Since(t0)
+	if err != nil {
+		return fmt.Errorf("shell in the guest: %w", err)
+	}
+	out := string(res.Stdout)
+	want := fmt.Sprintf("%x", b.sum)
+	n := d.VMs()[0].Back.Stats().ToGuest - before.ToGuest
+	fmt.Println("  guest ran            exec 3<>/net/tcp/clone; read n <&3; echo \"connect ...\" >&3; dd if=/net/tcp/$n/data ...")
+	if res.ExitCode != 0 || !strings.Contains(out, want) {
+		return fmt.Errorf("exit %d, want sha256 %s:\n%s%s", res.ExitCode, want, out, res.Stderr)
+	}
+	fmt.Printf("  fetched              %d bytes through the data file, sha256 matches\n", n)
+	fmt.Printf("  throughput           %.1f MiB/s (TCG guest, including dd to tmpfs and sha256sum in the guest)\n", float64(n)/(1<<20)/el.Seconds())
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		if strings.HasPrefix(l, "status: ") || strings.HasPrefix(l, "stats: ") {
+			k, v, _ := strings.Cut(l, ": ")
+			fmt.Printf("  %-20s %s\n", k+" file", strings.Join(strings.Fields(v), " "))
+		}
+	}
 	return nil
 }
