@@ -6,7 +6,9 @@
 // cases, columns are impls; each cell shows throughput (MB/s, or ops/s when
 // the benchmark sets no bytes) and the ratio to the baseline, so a noisy
 // machine still yields a meaningful comparison. Extra metrics reported with
-// b.ReportMetric are listed under the table.
+// b.ReportMetric are listed under the table; the per-core throughput
+// (MB/cpu-s, from vhosttest.ReportCPU) also gets its ratio to the
+// baseline's.
 //
 // The VM tier (-vm) runs the VM benchmarks instead (two soft-RoCE guests,
 // and one guest on vsdpd's vsock device), whose figures come from guest
@@ -35,8 +37,12 @@ import (
 type cell struct {
 	nsPerOp float64
 	mbps    float64
+	perCore float64 // MB/cpu-s, 0 when not reported
 	extra   []string
 }
+
+// perCoreUnit is the per-core throughput metric (vhosttest.ReportCPU).
+const perCoreUnit = "MB/cpu-s"
 
 type family struct {
 	name  string
@@ -149,6 +155,9 @@ func parse(r io.Reader, echo io.Writer) (map[string]*family, []string) {
 			case "MB/s":
 				c.mbps = v
 			case "B/op", "allocs/op":
+			case perCoreUnit:
+				c.perCore = v
+				c.extra = append(c.extra, fields[i]+" "+unit)
 			default:
 				c.extra = append(c.extra, fields[i]+" "+unit)
 			}
@@ -194,10 +203,11 @@ func print(w io.Writer, f *family) {
 	fmt.Fprintln(w)
 	var extras []string
 	for _, cs := range f.cases {
-		var base float64
+		var base, basePerCore float64
 		for _, im := range impls {
 			if c := f.cells[[2]string{cs, im}]; c != nil && strings.HasPrefix(im, "baseline") && base == 0 {
 				base, _ = rate(c)
+				basePerCore = c.perCore
 			}
 		}
 		fmt.Fprintf(w, "| %s |", cs)
@@ -214,6 +224,10 @@ func print(w io.Writer, f *family) {
 			}
 			fmt.Fprintf(w, " %s |", s)
 			for _, e := range c.extra {
+				if strings.HasSuffix(e, " "+perCoreUnit) && basePerCore > 0 && c.perCore > 0 &&
+					!strings.HasPrefix(im, "baseline") {
+					e += fmt.Sprintf(" (%.3gx baseline)", c.perCore/basePerCore)
+				}
 				extras = append(extras, fmt.Sprintf("%s/%s: %s", cs, im, e))
 			}
 		}

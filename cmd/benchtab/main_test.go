@@ -8,8 +8,8 @@ import (
 
 func TestParseAndPrint(t *testing.T) {
 	in := `goos: linux
-BenchmarkEcho/4KiB/vhost-2         	  100000	     10000 ns/op	 409.60 MB/s	       0 B/op	       0 allocs/op
-BenchmarkEcho/4KiB/baseline-copy-2 	 1000000	      1000 ns/op	4096.00 MB/s
+BenchmarkEcho/4KiB/vhost-2         	  100000	     10000 ns/op	 409.60 MB/s	       500.0 MB/cpu-s	         0.8 cores	       0 B/op	       0 allocs/op
+BenchmarkEcho/4KiB/baseline-copy-2 	 1000000	      1000 ns/op	4096.00 MB/s	      4000 MB/cpu-s
 BenchmarkLatency/64B/sdp-2         	  1000	     20000 ns/op	   0.5 copies/byte
 ok  	github.com/vsdp/vsdp/vhost/echo	3.2s
 `
@@ -20,7 +20,8 @@ ok  	github.com/vsdp/vsdp/vhost/echo	3.2s
 	var out bytes.Buffer
 	print(&out, fams["BenchmarkEcho"])
 	s := out.String()
-	for _, want := range []string{"| 4KiB |", "baseline-copy", "409.6 MB/s", "**0.10x** baseline"} {
+	for _, want := range []string{"| 4KiB |", "baseline-copy", "409.6 MB/s", "**0.10x** baseline",
+		"- 4KiB/vhost: 500.0 MB/cpu-s (0.125x baseline)", "- 4KiB/vhost: 0.8 cores", "- 4KiB/baseline-copy: 4000 MB/cpu-s\n"} {
 		if !strings.Contains(s, want) {
 			t.Errorf("table lacks %q:\n%s", want, s)
 		}

@@ -11,7 +11,6 @@ import (
 	"github.com/vsdp/vsdp/vhost/echo"
 	"github.com/vsdp/vsdp/vhost/guestmem"
 	"github.com/vsdp/vsdp/vhost/vhosttest"
-	"golang.org/x/sys/unix"
 )
 
 // benchQueue is QEMU's vsock ring size.
@@ -30,16 +29,11 @@ func BenchmarkEcho(b *testing.B) {
 	}
 }
 
-func cpuTime() time.Duration {
-	var ru unix.Rusage
-	_ = unix.Getrusage(unix.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
+// report adds buffers/s to vhosttest's per-core metrics (cores,
+// MB/cpu-s) for b.N buffers of size bytes moved in wall and cpu time.
 func report(b *testing.B, size int, wall, cpu time.Duration) {
 	b.ReportMetric(float64(b.N)/wall.Seconds(), "buffers/s")
-	b.ReportMetric(cpu.Seconds()/wall.Seconds(), "cores")
-	b.ReportMetric(float64(b.N)*float64(size)/cpu.Seconds()/1e6, "MB/cpu-s")
+	vhosttest.ReportCPU(b, int64(b.N)*int64(size), wall, cpu)
 }
 
 func benchCopy(b *testing.B, size int) {
@@ -54,11 +48,11 @@ func benchCopy(b *testing.B, size int) {
 	}
 	b.SetBytes(int64(size))
 	b.ResetTimer()
-	c0, t0 := cpuTime(), time.Now()
+	m := vhosttest.StartCPU()
 	for i := range b.N {
 		copy(dst[i%benchQueue], src[i%benchQueue])
 	}
-	wall, cpu := time.Since(t0), cpuTime()-c0
+	wall, cpu := m.Stop()
 	b.StopTimer()
 	report(b, size, wall, cpu)
 }
@@ -145,7 +139,7 @@ func benchVhost(b *testing.B, size int) {
 	tx := newRawDriver(b, d.Queues[echo.TX], d.Mem, size, false, 7)
 	b.SetBytes(int64(size))
 	b.ResetTimer()
-	c0, t0 := cpuTime(), time.Now()
+	m := vhosttest.StartCPU()
 	sent, echoed := 0, 0
 	for echoed < b.N {
 		rx.post(len(rx.free))
@@ -160,7 +154,7 @@ func benchVhost(b *testing.B, size int) {
 			}
 		}
 	}
-	wall, cpu := time.Since(t0), cpuTime()-c0
+	wall, cpu := m.Stop()
 	b.StopTimer()
 	if echoed > b.N {
 		b.Fatalf("%d buffers came back for %d sent", echoed, b.N)

@@ -2,6 +2,8 @@
 // guest RAM in a memfd (GuestMemory), the driver side of split virtqueues
 // (Ring) including raw setters to build hostile rings, and a front-end that
 // speaks the vhost-user protocol to a back-end over a real Unix socket.
+// For benchmarks, CPUMeter and ReportCPU turn a timed loop's process CPU
+// time into a per-core figure (MB/cpu-s) beside Go's MB/s.
 //
 // It plays the guest and QEMU, so it is trusted test code: it panics on its
 // own misuse rather than returning errors for impossible states, but it

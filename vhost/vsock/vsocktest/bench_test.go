@@ -85,6 +85,9 @@ func setup(b *testing.B) (*vsocktest.Guest, *sink, func()) {
 // BenchmarkVsockPath measures the vsock device's data path alone through
 // the fake front-end (rings in shared memory, eventfd kicks and calls, no
 // VM), guest to host and host to guest, beside copy() of the same sizes.
+// Each case also reports its cost per core (vhosttest.ReportCPU): cores
+// busy and MB moved per CPU-second of the whole process, which here
+// includes the simulated guest driver's side of every ring.
 func BenchmarkVsockPath(b *testing.B) {
 	for _, sz := range []struct {
 		name string
@@ -100,6 +103,7 @@ func BenchmarkVsockPath(b *testing.B) {
 			}
 			b.SetBytes(int64(sz.n))
 			b.ResetTimer()
+			m := vhosttest.StartCPU()
 			for i := 0; i < b.N; i++ {
 				if _, err := c.Write(buf); err != nil {
 					b.Fatal(err)
@@ -114,6 +118,9 @@ func BenchmarkVsockPath(b *testing.B) {
 				}
 				time.Sleep(100 * time.Microsecond)
 			}
+			wall, cpu := m.Stop()
+			b.StopTimer()
+			vhosttest.ReportCPU(b, int64(b.N)*int64(sz.n), wall, cpu)
 		})
 		b.Run(sz.name+"/host-to-guest", func(b *testing.B) {
 			g, s, done := setup(b)
@@ -124,6 +131,7 @@ func BenchmarkVsockPath(b *testing.B) {
 			}
 			b.SetBytes(int64(sz.n))
 			b.ResetTimer()
+			m := vhosttest.StartCPU()
 			s.mu.Lock()
 			s.send = b.N * sz.n
 			conn := s.c
@@ -136,13 +144,21 @@ func BenchmarkVsockPath(b *testing.B) {
 				}
 				left -= k
 			}
+			wall, cpu := m.Stop()
+			b.StopTimer()
+			vhosttest.ReportCPU(b, int64(b.N)*int64(sz.n), wall, cpu)
 		})
 		b.Run(sz.name+"/baseline-memcpy", func(b *testing.B) {
 			dst := make([]byte, sz.n)
 			b.SetBytes(int64(sz.n))
+			b.ResetTimer()
+			m := vhosttest.StartCPU()
 			for i := 0; i < b.N; i++ {
 				copy(dst, buf)
 			}
+			wall, cpu := m.Stop()
+			b.StopTimer()
+			vhosttest.ReportCPU(b, int64(b.N)*int64(sz.n), wall, cpu)
 		})
 	}
 }
