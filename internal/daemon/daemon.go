@@ -1,9 +1,3 @@
-// Package daemon wires vsdpd together: the verbs device, the SDP stacks,
-// the exports, and per VM a vhost-user server whose vsock devices feed
-// sdpback. It owns the adapters between the device packages and sdpback
-// (which know nothing of each other) and the daemon's configuration. It
-// logs through the logrus logger it is given (a library would not; this
-// is the daemon's own wiring).
 package daemon
 
 import (
@@ -73,6 +67,11 @@ type VMConfig struct {
 	CID      uint64   `json:"cid"`
 	Addr     string   `json:"addr"` // the VM's fabric address
 	Policy   []string `json:"policy"`
+	// Listen is, in worker mode, the soft transport endpoint of this VM's
+	// worker ("unix:PATH", "tcp:HOST:PORT"; default unix:RUNDIR/NAME.fabric):
+	// other hosts map the VM's fabric address to it. The one-process
+	// daemon ignores it (fabric.listen serves every local address).
+	Listen string `json:"listen,omitempty"`
 }
 
 // LoadConfig reads a configuration file; unknown fields are errors.

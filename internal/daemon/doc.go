@@ -1,0 +1,72 @@
+// Package daemon wires vsdpd together: the verbs device, the SDP stacks,
+// the exports, and per VM a vhost-user server whose vsock devices feed
+// sdpback. It owns the adapters between the device packages and sdpback
+// (which know nothing of each other) and the daemon's configuration. It
+// logs through the logrus logger it is given (a library would not; this
+// is the daemon's own wiring).
+//
+// # Process model
+//
+// The package runs vsdpd two ways.
+//
+//   - One process (Start): one soft device with every local fabric address,
+//     the host stack with the exports, and each VM's stack and vhost-user
+//     servers. Tests and the demo use it; a Touch hook (host-copy
+//     accounting) only works here.
+//   - Worker mode (Supervise, the command's default): the supervisor keeps
+//     the configuration, the host's address, stack and exports on a soft
+//     device of its own, and re-executes its binary (/proc/self/exe
+//     -worker) once per VM. The worker's configuration - the VM's entry
+//     (policy, CID, sockets, address), its own endpoint and the fabric table
+//     (every fabric address to its endpoint: the supervisor's, each
+//     worker's, the configured peers') - travels as one JSON line over a
+//     socketpair on fd 3, never argv or the environment. RunWorker opens
+//     the worker's own soft device on its endpoint (default
+//     unix:RUNDIR/NAME.fabric, mode 0600), its own SDP stack, and serves
+//     the VM's vhost-user sockets; it answers {"ready":true} once they
+//     exist, and Supervise returns only when every worker has (QEMU blocks
+//     in device realize without the socket). Streams between a VM and the
+//     exports, or between two VMs, cross processes over the soft
+//     transport exactly as they would cross hosts.
+//
+// Supervision: a worker that exits is logged with its exit status and
+// restarted after a backoff (MinBackoff, doubling while workers die within
+// a minute of starting, up to MaxBackoff). QEMU's vsock and fs devices have
+// no back-end reconnect, so the VM's current devices die with the worker:
+// the restarted worker serves the VM's next QEMU. Supervisor.Close sends
+// each worker SIGTERM, waits StopTimeout, then SIGKILLs what is left and
+// waits for it. A worker stops by itself when its supervisor dies: the
+// parent-death signal (SIGTERM; every worker is started from one OS thread
+// locked for the supervisor's lifetime, since the kernel signals on the
+// forking thread's exit) and end-of-file on its pipe. Each worker writes
+// RUNDIR/NAME.pid once ready and the supervisor removes it when the worker
+// exits.
+//
+// # Threat model
+//
+// Guests, QEMU and fabric peers are untrusted (see the design's §7). In
+// worker mode a worker maps only its own VM's memory and holds only its
+// VM's streams, so a fault or a compromise through a guest-reachable bug
+// stays in that VM's process: it can reach the fabric as that VM's
+// address with the worker's view of the table, not another VM's memory,
+// nor the supervisor's exports' host TCP connections. The supervisor takes
+// no input from workers but the one ready line (bounded by ReadyTimeout,
+// parsed as JSON) and their exit status. The soft endpoints are
+// unauthenticated transports (as on a real fabric, every header is
+// validated by the receiver, and a compromised worker could claim another
+// source address on them; on InfiniBand the fabric's own addressing
+// applies); unix endpoints are created mode 0600 in the
+// run directory, so only vsdpd's user can join them. Host configuration
+// is trusted. In one-process mode a fault is scoped by the packages' own
+// rules (a broken ring stops that device, a bad stream is reset) but
+// shares the address space with every VM.
+//
+// # Concurrency
+//
+// Daemon: VM.mu guards the current front-end's device, filesystem and
+// memory registrations; memReg.mu is taken after VM.mu, never before.
+// Supervisor: one goroutine per worker waits for its process and restarts
+// it; worker.mu guards the current process; Close signals under worker.mu
+// and then waits for the goroutines, so it never races a restart (a start
+// that finds the supervisor closing kills its own process).
+package daemon
