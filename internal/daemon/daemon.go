@@ -72,6 +72,10 @@ type VMConfig struct {
 	// other hosts map the VM's fabric address to it. The one-process
 	// daemon ignores it (fabric.listen serves every local address).
 	Listen string `json:"listen,omitempty"`
+	// SocketGroup (a group name or number) may connect to the VM's
+	// vhost-user sockets (mode 0660), for a QEMU running as another user
+	// (libvirt's); without it they are 0600, vsdpd's user only.
+	SocketGroup string `json:"socket_group,omitempty"`
 }
 
 // LoadConfig reads a configuration file; unknown fields are errors.
@@ -216,11 +220,11 @@ func (v *VM) Server() *vhost.Server { return v.srv }
 
 // Start builds everything and starts serving. Sockets are created before
 // Start returns, so QEMU may be started right after.
-func Start(cfg *Config, log *logrus.Logger) (d *Daemon, err error) {
-	d = &Daemon{log: log}
+func Start(cfg *Config, log *logrus.Logger) (_ *Daemon, err error) {
+	d := &Daemon{log: log}
 	defer func() {
 		if err != nil {
-			d.Close()
+			d.Close() // what was started so far (the returned value is nil)
 		}
 	}()
 	hostAddr, err := netip.ParseAddr(cfg.Fabric.Addr)
@@ -330,7 +334,12 @@ func (d *Daemon) startVM(vc VMConfig, addr netip.Addr) (*VM, error) {
 		Trace: v.trace(limit, "vsock"),
 	}
 	os.Remove(vc.Socket) // a stale socket from an earlier run; QEMU connects to a fresh one
-	ln, err := listenUnix(vc.Socket)
+	gid, err := socketGroup(vc.SocketGroup)
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	ln, err := listenUnix(vc.Socket, gid)
 	if err != nil {
 		st.Close()
 		return nil, err
@@ -341,7 +350,7 @@ func (d *Daemon) startVM(vc VMConfig, addr netip.Addr) (*VM, error) {
 		}
 	}()
 	if vc.FSSocket != "" {
-		if err := v.serveFS(vc.FSSocket, limit); err != nil {
+		if err := v.serveFS(vc.FSSocket, gid, limit); err != nil {
 			v.srv.Close()
 			st.Close()
 			return nil, err
@@ -357,7 +366,7 @@ func (d *Daemon) startVM(vc VMConfig, addr netip.Addr) (*VM, error) {
 // the FUSE session (sockfs.Reset completes every parked request, which
 // virtiofs cannot interrupt), and the next front-end's arrival closes the
 // previous one's filesystem for good.
-func (v *VM) serveFS(path string, limit *limiter) error {
+func (v *VM) serveFS(path string, gid int, limit *limiter) error {
 	v.fsSock = path
 	v.fsSrv = &vhost.Server{
 		NewDevice: func() (vhost.Device, error) {
@@ -379,7 +388,7 @@ func (v *VM) serveFS(path string, limit *limiter) error {
 		Trace: v.trace(limit, "fs"),
 	}
 	os.Remove(path)
-	ln, err := listenUnix(path)
+	ln, err := listenUnix(path, gid)
 	if err != nil {
 		return err
 	}

@@ -5,7 +5,9 @@ import (
 	"encoding/xml"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/vsdp/vsdp/internal/daemon"
@@ -62,10 +64,21 @@ func TestDeployExamples(t *testing.T) {
 	started.VMs = []daemon.VMConfig{vm}
 	started.VMs[0].Socket = filepath.Join(run, filepath.Base(vm.Socket))
 	started.VMs[0].FSSocket = filepath.Join(run, filepath.Base(vm.FSSocket))
+	// libvirt runs QEMU as libvirt-qemu, group kvm: the sockets must
+	// admit that group. Here the test's own group stands in for it.
+	if vm.SocketGroup != "kvm" {
+		t.Errorf("socket_group %q: libvirt's QEMU (group kvm) could not connect", vm.SocketGroup)
+	}
+	gid := os.Getgid()
+	started.VMs[0].SocketGroup = strconv.Itoa(gid)
 	startDaemon(t, &started)
 	for _, s := range []string{started.VMs[0].Socket, started.VMs[0].FSSocket} {
-		if fi, err := os.Stat(s); err != nil || fi.Mode()&os.ModeSocket == 0 {
+		fi, err := os.Stat(s)
+		if err != nil || fi.Mode()&os.ModeSocket == 0 {
 			t.Fatalf("%s: %v, want a socket", s, err)
+		}
+		if fi.Mode().Perm() != 0o660 || int(fi.Sys().(*syscall.Stat_t).Gid) != gid {
+			t.Fatalf("%s: mode %v group %d, want 0660 and group %d", s, fi.Mode().Perm(), fi.Sys().(*syscall.Stat_t).Gid, gid)
 		}
 	}
 
@@ -113,5 +126,29 @@ func TestDeployExamples(t *testing.T) {
 	}
 	if !strings.Contains(unit["Before"], "libvirtd.service") {
 		t.Errorf("the unit does not start before libvirtd: QEMU needs the sockets first")
+	}
+}
+
+// TestSocketPermissions: a VM's vhost-user sockets admit only vsdpd's user
+// (0600) unless socket_group names a group (0660); a group that does not
+// exist stops the start with a clear error.
+func TestSocketPermissions(t *testing.T) {
+	dir := t.TempDir()
+	vm := daemon.VMConfig{Name: "vm", Socket: filepath.Join(dir, "vm.sock"), FSSocket: filepath.Join(dir, "fs.sock"),
+		CID: 9, Addr: "10.54.0.9"}
+	startDaemon(t, &daemon.Config{Fabric: daemon.Fabric{Addr: "10.54.0.1"}, VMs: []daemon.VMConfig{vm}})
+	for _, s := range []string{vm.Socket, vm.FSSocket} {
+		if fi, err := os.Stat(s); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: %v %v, want mode 0600", s, fi.Mode().Perm(), err)
+		}
+	}
+	vm.Socket, vm.FSSocket, vm.SocketGroup = filepath.Join(dir, "vm2.sock"), "", "no-such-group-vsdp"
+	d, err := daemon.Start(&daemon.Config{Fabric: daemon.Fabric{Addr: "10.54.0.1"}, VMs: []daemon.VMConfig{vm}}, quietLog())
+	if err == nil {
+		d.Close()
+		t.Fatal("started with a group that does not exist")
+	}
+	if !strings.Contains(err.Error(), "socket_group") {
+		t.Fatalf("error %q does not name socket_group", err)
 	}
 }

@@ -21,14 +21,19 @@ import (
 // sockets, so QEMU goes before its back-end.
 func startDaemon(t *testing.T, cfg *daemon.Config) *daemon.Daemon {
 	t.Helper()
-	log := logrus.New()
-	log.SetOutput(io.Discard)
-	d, err := daemon.Start(cfg, log)
+	d, err := daemon.Start(cfg, quietLog())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(d.Close)
 	return d
+}
+
+// quietLog is a logger that writes nowhere.
+func quietLog() *logrus.Logger {
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	return log
 }
 
 // frontEnd plays QEMU on a vhost-user socket: the fake front-end connects,
