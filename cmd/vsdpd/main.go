@@ -2,7 +2,8 @@
 // configured VM a virtio-vsock device, carrying the VMs' streams over SDP.
 //
 //	vsdpd -config /etc/vsdp/vsdpd.json [-log-level info] [-stats 30s]
-//	      [-workers=true] [-run-dir DIR]
+//	      [-workers=true] [-run-dir DIR] [-control PATH|none]
+//	vsdpd -ctl PATH list|stats|add VM.json|remove NAME
 //
 // The configuration file is JSON (see README.md, "Configuration").
 // By default vsdpd is a supervisor: it serves the host's exports itself
@@ -10,12 +11,22 @@
 // with -worker, its configuration handed over a pipe on fd 3), restarting a
 // worker that dies. -workers=false serves everything in one process.
 // SIGTERM or SIGINT shuts down cleanly (workers included).
+//
+// In worker mode the supervisor serves a control socket (-control,
+// default RUNDIR/vsdpd.ctl, mode 0600) on which VMs are listed, added and
+// removed at run time; -ctl makes this binary its client: it sends one
+// request, prints the reply as JSON and exits 0 if the supervisor did it,
+// 1 if it refused, 2 if it could not ask. "add" reads one VM entry (the
+// configuration file's "vms" element) from a JSON file ("-": stdin).
+// The one-process mode (-workers=false) has no control socket.
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -31,10 +42,19 @@ func main() {
 	statsEvery := flag.Duration("stats", 0, "log per-VM counters this often (0: never)")
 	workers := flag.Bool("workers", true, "run each VM in its own worker process (false: one process)")
 	runDir := flag.String("run-dir", "", "worker mode: directory for the fabric endpoints and worker PID files (default: the first VM socket's directory)")
+	control := flag.String("control", "", "worker mode: control socket path (default RUN-DIR/vsdpd.ctl; none: no control socket)")
+	ctlPath := flag.String("ctl", "", "client: send list, stats, add VM.json or remove NAME to the control socket at this path")
 	worker := flag.Bool("worker", false, "internal: run as a worker (configuration on fd 3)")
 	flag.Parse()
 	if *worker {
 		os.Exit(runWorker())
+	}
+	if *ctlPath != "" {
+		os.Exit(runClient(*ctlPath, flag.Args(), os.Stdin, os.Stdout, os.Stderr))
+	}
+	if !*workers && *control != "" {
+		fmt.Fprintln(os.Stderr, "vsdpd: -control needs worker mode (-workers=true)")
+		os.Exit(2)
 	}
 	log := logrus.New()
 	lv, err := logrus.ParseLevel(*level)
@@ -50,7 +70,7 @@ func main() {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
 	if *workers {
-		s, err := daemon.Supervise(cfg, daemon.SupervisorOptions{RunDir: *runDir, Stats: *statsEvery}, log)
+		s, err := daemon.Supervise(cfg, daemon.SupervisorOptions{RunDir: *runDir, Control: *control, Stats: *statsEvery}, log)
 		if err != nil {
 			log.WithError(err).Fatal("start")
 		}
@@ -109,4 +129,61 @@ func runWorker() int {
 		fmt.Fprintln(os.Stderr, "vsdpd -worker:", err)
 		return 1
 	}
+}
+
+// runClient sends one control request and prints the reply.
+func runClient(path string, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	usage := func() int {
+		fmt.Fprintln(stderr, "usage: vsdpd -ctl PATH list|stats|add VM.json|remove NAME")
+		return 2
+	}
+	if len(args) == 0 {
+		return usage()
+	}
+	var req struct {
+		Op   string          `json:"op"`
+		VM   json.RawMessage `json:"vm,omitempty"`
+		Name string          `json:"name,omitempty"`
+	}
+	req.Op = args[0]
+	switch {
+	case (args[0] == "list" || args[0] == "stats") && len(args) == 1:
+	case args[0] == "remove" && len(args) == 2:
+		req.Name = args[1]
+	case args[0] == "add" && len(args) == 2:
+		var b []byte
+		var err error
+		if args[1] == "-" {
+			b, err = io.ReadAll(io.LimitReader(stdin, 1<<20))
+		} else {
+			b, err = os.ReadFile(args[1])
+		}
+		if err != nil {
+			fmt.Fprintln(stderr, "vsdpd -ctl:", err)
+			return 2
+		}
+		if !json.Valid(b) {
+			fmt.Fprintf(stderr, "vsdpd -ctl: %s is not JSON\n", args[1])
+			return 2
+		}
+		req.VM = b // the supervisor decodes it, unknown fields refused
+	default:
+		return usage()
+	}
+	b, err := json.Marshal(req) // compacts the VM entry onto one line
+	if err != nil {
+		fmt.Fprintln(stderr, "vsdpd -ctl:", err)
+		return 2
+	}
+	rep, err := daemon.ControlCallRaw(path, b, 30*time.Second)
+	if err != nil {
+		fmt.Fprintln(stderr, "vsdpd -ctl:", err)
+		return 2
+	}
+	out, _ := json.MarshalIndent(rep, "", "  ")
+	fmt.Fprintf(stdout, "%s\n", out)
+	if !rep.OK {
+		return 1
+	}
+	return 0
 }

@@ -42,6 +42,22 @@
 // RUNDIR/NAME.pid once ready and the supervisor removes it when the worker
 // exits.
 //
+// # Control socket
+//
+// In worker mode the supervisor serves a control socket (control.go;
+// SupervisorOptions.Control, default RUNDIR/vsdpd.ctl, mode 0600): one
+// JSON request per line (list, add, remove, stats), one JSON reply per
+// line. Add validates the VM with checkConfig against the running ones
+// (the file's rules), records its address → endpoint in the supervisor's
+// table and sends every running worker a {"set":…} update on its pipe,
+// then starts the worker like any other. Remove sends {"delete":…}, stops
+// the worker for good (SIGTERM, SIGKILL after StopTimeout) and removes
+// its files. After the ready line the pipe carries these updates (one
+// JSON object per line, applied to the worker's soft.Table), a full
+// {"table":…} sync right after ready (so nothing sent while the worker
+// started is missed), and stats requests, which the worker answers on
+// the pipe. The one-process daemon (Start) has no control socket.
+//
 // # Threat model
 //
 // Guests, QEMU and fabric peers are untrusted (see the design's §7). In
@@ -51,7 +67,15 @@
 // address with the worker's view of the table, not another VM's memory,
 // nor the supervisor's exports' host TCP connections. The supervisor takes
 // no input from workers but the one ready line (bounded by ReadyTimeout,
-// parsed as JSON) and their exit status. The soft endpoints are
+// parsed as JSON), their answers to stats requests (bounded lines, parsed
+// into counters, matched by sequence number, anything else dropped) and
+// their exit status; a worker that stops reading its pipe misses table
+// updates after a write timeout and hurts only its own VM. The control
+// socket's client administers every VM (file permissions are the access
+// control), but its input is still bounded: line length, requests per
+// second and connections are limited, unknown fields and operations are
+// refused with an error reply, and nothing it sends panics the
+// supervisor. The soft endpoints are
 // unauthenticated transports (as on a real fabric, every header is
 // validated by the receiver, and a compromised worker could claim another
 // source address on them; on InfiniBand the fabric's own addressing
@@ -66,7 +90,14 @@
 // Daemon: VM.mu guards the current front-end's device, filesystem and
 // memory registrations; memReg.mu is taken after VM.mu, never before.
 // Supervisor: one goroutine per worker waits for its process and restarts
-// it; worker.mu guards the current process; Close signals under worker.mu
-// and then waits for the goroutines, so it never races a restart (a start
-// that finds the supervisor closing kills its own process).
+// it, one more reads its pipe; worker.mu guards the current process, its
+// pipe and state; Supervisor.mu guards the worker list and the fabric
+// table; Supervisor.opMu serializes Add and Remove. Lock order: opMu,
+// then Supervisor.mu, then worker.mu. Table updates are written to a
+// worker's pipe under Supervisor.mu, and a starting worker's pipe is
+// registered (with its sync) under it too, so every worker sees every
+// change exactly in order. Close closes done, stops the control socket,
+// signals under worker.mu and then waits for the goroutines, so it never
+// races a restart (a start that finds the supervisor closing, or its VM
+// removed, kills its own process).
 package daemon

@@ -5,12 +5,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -27,10 +29,13 @@ import (
 // socket.
 type SupervisorOptions struct {
 	// RunDir holds the supervisor's and workers' soft endpoints
-	// (vsdpd.fabric, NAME.fabric) and each worker's PID file (NAME.pid,
-	// written once the worker is ready, removed when it exits). Default:
-	// the directory of the first VM's socket.
+	// (vsdpd.fabric, NAME.fabric), each worker's PID file (NAME.pid,
+	// written once the worker is ready, removed when it exits) and the
+	// control socket. Default: the directory of the first VM's socket.
 	RunDir string
+	// Control is the control socket's path (default RUNDIR/vsdpd.ctl;
+	// "none": no control socket). See control.go for its protocol.
+	Control string
 	// Exe and Args start a worker; default /proc/self/exe -worker.
 	Exe  string
 	Args []string
@@ -48,32 +53,57 @@ type SupervisorOptions struct {
 }
 
 // Supervisor is vsdpd in worker mode: it owns the host's SDP stack and the
-// exports, and one worker process per VM, restarted when it dies.
+// exports, and one worker process per VM, restarted when it dies. VMs may
+// be added and removed while it runs (Add, Remove, or the control socket).
 type Supervisor struct {
 	log      *logrus.Logger
 	opts     SupervisorOptions
+	cfg      Config // provider and fabric; the VMs live in workers
+	hostAddr netip.Addr
+	hostEP   string // the supervisor's own soft endpoint
 	dev      *soft.Device
+	table    *soft.Table // the supervisor's device's table
 	host     *sdp.Stack
 	exporter *sdpback.Exporter
-	workers  []*worker
-	files    []string // endpoint files to remove at Close
+	files    []string // the supervisor's own files, removed at Close
+	ctl      *controlServer
+
+	opMu    sync.Mutex // serializes Add and Remove; taken before mu
+	mu      sync.Mutex // guards workers and tab; taken before worker.mu
+	workers []*worker
+	tab     map[string]string // every fabric address → endpoint (what workers get)
 
 	spawn     chan spawnReq
 	spawnDone chan struct{}
 	done      chan struct{}
 	closeOnce sync.Once
-	wg        sync.WaitGroup
+	wg        sync.WaitGroup // worker goroutines (supervise, pipe readers)
 }
+
+// Worker states, as List reports them.
+const (
+	StateStarting   = "starting"   // its process is starting, not ready yet
+	StateRunning    = "running"    // ready: its sockets exist
+	StateRestarting = "restarting" // its process exited; a new one comes after a backoff
+	StateStopping   = "stopping"   // being removed
+)
 
 // worker is one VM's process slot.
 type worker struct {
 	s       *Supervisor
-	name    string
-	conf    []byte // the JSON line handed over the pipe
+	vm      VMConfig
+	listen  string // its soft endpoint
 	pidFile string
+	stop    chan struct{} // closed by Remove: no more restarts
+	exited  chan struct{} // closed when its supervise goroutine returns
 
-	mu   sync.Mutex // guards proc
-	proc *os.Process
+	mu       sync.Mutex // guards the fields below
+	proc     *os.Process
+	pipe     net.Conn // the current process's pipe, once it is ready and synced
+	state    string
+	restarts int
+	stats    chan statsReply // answers to stats requests (one slot)
+	seq      uint64          // the last stats request's sequence number
 }
 
 // spawnReq asks the spawner thread to start a command.
@@ -84,13 +114,16 @@ type spawnReq struct {
 
 // Worker mode's errors.
 var (
-	ErrWorker = errors.New("daemon: worker failed")     // a worker could not start
-	ErrClosed = errors.New("daemon: supervisor closed") // the supervisor is stopping
+	ErrWorker  = errors.New("daemon: worker failed")     // a worker could not start
+	ErrClosed  = errors.New("daemon: supervisor closed") // the supervisor is stopping
+	ErrNoVM    = errors.New("daemon: no such VM")        // Remove names no VM
+	ErrInvalid = errors.New("daemon: invalid VM")        // Add's VM fails validation
 )
 
 // Supervise starts worker mode: the host stack and exports in this
-// process, then one worker per VM. It returns once every worker is ready
-// (its vhost-user sockets exist), so QEMU may be started right after.
+// process, then one worker per VM, then the control socket. It returns
+// once every worker is ready (its vhost-user sockets exist), so QEMU may
+// be started right after.
 func Supervise(cfg *Config, opts SupervisorOptions, log *logrus.Logger) (_ *Supervisor, err error) {
 	if opts.Exe == "" {
 		opts.Exe = "/proc/self/exe"
@@ -114,20 +147,23 @@ func Supervise(cfg *Config, opts SupervisorOptions, log *logrus.Logger) (_ *Supe
 		}
 		opts.RunDir = filepath.Dir(cfg.VMs[0].Socket)
 	}
+	if opts.Control == "" {
+		opts.Control = filepath.Join(opts.RunDir, "vsdpd.ctl")
+	}
 	if err := os.MkdirAll(opts.RunDir, 0o750); err != nil {
 		return nil, fmt.Errorf("run directory: %w", err)
 	}
-	s := &Supervisor{log: log, opts: opts, spawn: make(chan spawnReq), spawnDone: make(chan struct{}), done: make(chan struct{})}
+	s := &Supervisor{log: log, opts: opts, spawn: make(chan spawnReq), spawnDone: make(chan struct{}), done: make(chan struct{}),
+		cfg: Config{Provider: cfg.Provider, Fabric: cfg.Fabric}, tab: map[string]string{}, table: soft.NewTable()}
+	s.hostAddr = netip.MustParseAddr(cfg.Fabric.Addr) // checkConfig parsed it
 	go s.spawner()
 	defer func() {
 		if err != nil {
 			s.Close()
 		}
 	}()
-	hostAddr := netip.MustParseAddr(cfg.Fabric.Addr) // checkConfig parsed it
 	// The table every process shares: the host's address, each VM's
 	// (its worker's endpoint), the other hosts'.
-	tab := map[string]string{}
 	self := cfg.Fabric.Listen
 	if self == "" {
 		self = "unix:" + filepath.Join(opts.RunDir, "vsdpd.fabric")
@@ -143,32 +179,27 @@ func Supervise(cfg *Config, opts SupervisorOptions, log *logrus.Logger) (_ *Supe
 		os.Remove(ep.Addr)
 		s.files = append(s.files, ep.Addr)
 	}
-	listen := make([]string, len(cfg.VMs))
-	for i, v := range cfg.VMs {
-		listen[i] = v.Listen
-		if listen[i] == "" {
-			p := filepath.Join(opts.RunDir, v.Name+".fabric")
-			if err := checkSocketPath(p); err != nil {
-				return nil, fmt.Errorf("vm %q: %w", v.Name, err)
-			}
-			listen[i] = "unix:" + p
+	for _, v := range cfg.VMs {
+		listen, err := s.listenOf(v)
+		if err != nil {
+			return nil, fmt.Errorf("vm %q: %w", v.Name, err)
 		}
-		tab[v.Addr] = listen[i]
+		s.workers = append(s.workers, s.newWorker(v, listen))
+		s.tab[v.Addr] = listen
 	}
 	for a, e := range cfg.Fabric.Peers {
-		tab[a] = e
+		s.tab[a] = e
 	}
-	table := soft.NewTable()
-	for a, e := range tab {
+	for a, e := range s.tab {
 		pe, err := soft.ParseEndpoint(e)
 		if err != nil {
 			return nil, err
 		}
-		if err := table.Set(netip.MustParseAddr(a), pe); err != nil {
+		if err := s.table.Set(netip.MustParseAddr(a), pe); err != nil {
 			return nil, err
 		}
 	}
-	if s.dev, err = soft.Open(soft.Options{Name: "soft0", Addrs: []netip.Addr{hostAddr}, Table: table, Listen: ep}); err != nil {
+	if s.dev, err = soft.Open(soft.Options{Name: "soft0", Addrs: []netip.Addr{s.hostAddr}, Table: s.table, Listen: ep}); err != nil {
 		return nil, err
 	}
 	if ep.Net == "unix" {
@@ -176,12 +207,12 @@ func Supervise(cfg *Config, opts SupervisorOptions, log *logrus.Logger) (_ *Supe
 			return nil, err
 		}
 	}
-	hostEP := s.dev.Endpoint().String()
-	if err := table.Set(hostAddr, s.dev.Endpoint()); err != nil {
+	s.hostEP = s.dev.Endpoint().String()
+	if err := s.table.Set(s.hostAddr, s.dev.Endpoint()); err != nil {
 		return nil, err
 	}
-	tab[cfg.Fabric.Addr] = hostEP
-	if s.host, err = sdp.New(sdp.Config{Device: s.dev, Addr: hostAddr}); err != nil {
+	s.tab[cfg.Fabric.Addr] = s.hostEP
+	if s.host, err = sdp.New(sdp.Config{Device: s.dev, Addr: s.hostAddr}); err != nil {
 		return nil, err
 	}
 	s.exporter = sdpback.NewExporter(s.host)
@@ -189,31 +220,58 @@ func Supervise(cfg *Config, opts SupervisorOptions, log *logrus.Logger) (_ *Supe
 		if err := s.exporter.Add(sdpback.Export{Port: x.Port, Target: x.Target}); err != nil {
 			return nil, fmt.Errorf("export %d: %w", x.Port, err)
 		}
-		log.WithFields(logrus.Fields{"port": x.Port, "target": x.Target, "addr": hostAddr}).Info("export")
+		log.WithFields(logrus.Fields{"port": x.Port, "target": x.Target, "addr": s.hostAddr}).Info("export")
 	}
-	for i, v := range cfg.VMs {
-		wc := workerConfig{Provider: cfg.Provider, VM: v, Listen: listen[i], Table: tab, LogLevel: opts.LogLevel, Stats: opts.Stats}
-		b, err := json.Marshal(wc)
-		if err != nil {
-			return nil, err
-		}
-		w := &worker{s: s, name: v.Name, conf: append(b, '\n'), pidFile: filepath.Join(opts.RunDir, v.Name+".pid")}
-		s.workers = append(s.workers, w)
-		if p, ok := unixPath(listen[i]); ok {
-			s.files = append(s.files, p)
-		}
-		s.files = append(s.files, v.Socket) // left behind by a killed worker
-		if v.FSSocket != "" {
-			s.files = append(s.files, v.FSSocket)
-		}
+	for _, w := range s.workers {
+		s.wg.Add(1)
 		cmd, conn, err := w.start()
 		if err != nil {
-			return nil, fmt.Errorf("vm %q: %w", v.Name, err)
+			s.wg.Done()
+			close(w.exited)
+			return nil, fmt.Errorf("vm %q: %w", w.vm.Name, err)
 		}
-		s.wg.Add(1)
 		go w.supervise(cmd, conn)
 	}
+	if opts.Control != "none" {
+		if s.ctl, err = listenControl(s, opts.Control); err != nil {
+			return nil, fmt.Errorf("control socket: %w", err)
+		}
+		s.files = append(s.files, opts.Control)
+	}
 	return s, nil
+}
+
+// newWorker makes a VM's process slot (not started).
+func (s *Supervisor) newWorker(v VMConfig, listen string) *worker {
+	return &worker{s: s, vm: v, listen: listen, pidFile: filepath.Join(s.opts.RunDir, v.Name+".pid"),
+		stop: make(chan struct{}), exited: make(chan struct{}), state: StateStarting, stats: make(chan statsReply, 1)}
+}
+
+// listenOf returns a VM's worker endpoint: its listen, or
+// unix:RUNDIR/NAME.fabric.
+func (s *Supervisor) listenOf(v VMConfig) (string, error) {
+	if v.Listen != "" {
+		return v.Listen, nil
+	}
+	p := filepath.Join(s.opts.RunDir, v.Name+".fabric")
+	if err := checkSocketPath(p); err != nil {
+		return "", err
+	}
+	return "unix:" + p, nil
+}
+
+// files returns the files a worker leaves behind: its endpoint, its
+// sockets (a killed worker cannot remove them) and its PID file.
+func (w *worker) files() []string {
+	var fs []string
+	if p, ok := unixPath(w.listen); ok {
+		fs = append(fs, p)
+	}
+	fs = append(fs, w.vm.Socket, w.pidFile)
+	if w.vm.FSSocket != "" {
+		fs = append(fs, w.vm.FSSocket)
+	}
+	return fs
 }
 
 // unixPath returns the path of a unix endpoint.
@@ -269,6 +327,15 @@ func checkConfig(cfg *Config) error {
 	}
 	names := map[string]bool{}
 	cids := map[uint64]bool{}
+	paths := map[string]string{} // socket paths and unix endpoints, to the VM using them
+	usePath := func(vm, what, p string) error {
+		p = filepath.Clean(p)
+		if other, ok := paths[p]; ok {
+			return fmt.Errorf("vm %q %s %s: also %s", vm, what, p, other)
+		}
+		paths[p] = "vm " + vm
+		return nil
+	}
 	for _, v := range cfg.VMs {
 		if !validName(v.Name) {
 			return fmt.Errorf("vm name %q: want 1-64 of [A-Za-z0-9._-], not starting with a dot", v.Name)
@@ -288,12 +355,23 @@ func checkConfig(cfg *Config) error {
 		if err != nil {
 			return fmt.Errorf("vm %q addr: %w", v.Name, err)
 		}
+		if !a.Is4() {
+			return fmt.Errorf("vm %q addr %v: not an IPv4 fabric address", v.Name, a)
+		}
 		if other, ok := addrs[a]; ok {
 			return fmt.Errorf("vm %q addr %v: also %s", v.Name, a, other)
 		}
 		addrs[a] = "vm " + v.Name
 		if v.Socket == "" {
 			return fmt.Errorf("vm %q: no socket", v.Name)
+		}
+		if err := usePath(v.Name, "socket", v.Socket); err != nil {
+			return err
+		}
+		if v.FSSocket != "" {
+			if err := usePath(v.Name, "fs_socket", v.FSSocket); err != nil {
+				return err
+			}
 		}
 		for _, r := range v.Policy {
 			if _, err := sdpback.ParseRule(r); err != nil {
@@ -307,6 +385,11 @@ func checkConfig(cfg *Config) error {
 			}
 			if _, port, _ := net.SplitHostPort(e.Addr); e.Net != "unix" && (e.Net != "tcp" || port == "0") {
 				return fmt.Errorf("vm %q listen %v: want unix:PATH or tcp:HOST:PORT with a fixed port (the table names it)", v.Name, e)
+			}
+			if e.Net == "unix" {
+				if err := usePath(v.Name, "listen", e.Addr); err != nil {
+					return err
+				}
 			}
 		}
 	}
@@ -336,11 +419,34 @@ func (s *Supervisor) spawner() {
 	}
 }
 
-// start starts the worker, hands it its configuration and waits for its
-// answer. On success the caller owns cmd (it must Wait) and conn (closing
-// it tells the worker its supervisor is gone).
+// stopping reports whether the worker must not run again: the supervisor
+// is closing or Remove took the VM away.
+func (w *worker) stopping() bool {
+	select {
+	case <-w.s.done:
+		return true
+	case <-w.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// start starts the worker, hands it its configuration, waits for its
+// answer and then syncs its fabric table (updates may have come while it
+// started). On success the caller owns cmd (it must Wait) and conn
+// (closing it tells the worker its supervisor is gone). The caller holds
+// a count on s.wg: start adds one for the pipe's reader.
 func (w *worker) start() (*exec.Cmd, net.Conn, error) {
 	s := w.s
+	s.mu.Lock()
+	wc := workerConfig{Provider: s.cfg.Provider, VM: w.vm, Listen: w.listen, Table: maps.Clone(s.tab), LogLevel: s.opts.LogLevel, Stats: s.opts.Stats}
+	s.mu.Unlock()
+	conf, err := json.Marshal(wc)
+	if err != nil {
+		return nil, nil, err
+	}
+	conf = append(conf, '\n')
 	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, nil, err
@@ -362,6 +468,9 @@ func (w *worker) start() (*exec.Cmd, net.Conn, error) {
 	case <-s.done:
 		conn.Close()
 		return nil, nil, ErrClosed
+	case <-w.stop:
+		conn.Close()
+		return nil, nil, ErrClosed
 	}
 	if err := <-r.err; err != nil {
 		conn.Close()
@@ -370,26 +479,28 @@ func (w *worker) start() (*exec.Cmd, net.Conn, error) {
 	theirs.Close()
 	w.mu.Lock()
 	w.proc = cmd.Process
+	if w.state != StateStopping {
+		w.state = StateStarting
+	}
 	w.mu.Unlock()
 	fail := func(err error) (*exec.Cmd, net.Conn, error) {
 		conn.Close()
 		cmd.Process.Kill()
 		cmd.Wait()
 		w.mu.Lock()
-		w.proc = nil
+		w.proc, w.pipe = nil, nil
 		w.mu.Unlock()
 		return nil, nil, err
 	}
-	select {
-	case <-s.done: // Close may have looked before proc was set
+	if w.stopping() { // Close or Remove may have looked before proc was set
 		return fail(ErrClosed)
-	default:
 	}
 	conn.SetDeadline(time.Now().Add(s.opts.ReadyTimeout))
-	if _, err := conn.Write(w.conf); err != nil {
+	if _, err := conn.Write(conf); err != nil {
 		return fail(fmt.Errorf("%w: hand over the configuration: %w", ErrWorker, err))
 	}
-	line, err := bufio.NewReader(conn).ReadBytes('\n')
+	br := bufio.NewReaderSize(conn, maxWorkerLine)
+	line, err := br.ReadSlice('\n')
 	if err != nil {
 		return fail(fmt.Errorf("%w: no ready answer: %w", ErrWorker, err))
 	}
@@ -400,20 +511,94 @@ func (w *worker) start() (*exec.Cmd, net.Conn, error) {
 	if !rep.Ready {
 		return fail(fmt.Errorf("%w: %s", ErrWorker, rep.Error))
 	}
+	// From here on every table change reaches this worker: the sync below
+	// and the registered pipe happen under s.mu, as broadcasts do.
+	s.mu.Lock()
+	w.mu.Lock()
+	conn.SetDeadline(time.Now().Add(updateTimeout))
+	err = writeUpdate(conn, workerUpdate{Table: s.tab})
 	conn.SetDeadline(time.Time{})
+	if err == nil {
+		w.pipe = conn
+		if w.state != StateStopping {
+			w.state = StateRunning
+		}
+	}
+	w.mu.Unlock()
+	s.mu.Unlock()
+	if err != nil {
+		return fail(fmt.Errorf("%w: sync the fabric table: %w", ErrWorker, err))
+	}
 	pid := cmd.Process.Pid
 	tmp := w.pidFile + ".tmp"
 	if err := os.WriteFile(tmp, []byte(strconv.Itoa(pid)+"\n"), 0o644); err == nil {
 		os.Rename(tmp, w.pidFile)
 	}
-	s.log.WithFields(logrus.Fields{"vm": w.name, "pid": pid}).Info("worker started")
+	s.wg.Add(1)
+	go w.read(br)
+	s.log.WithFields(logrus.Fields{"vm": w.vm.Name, "pid": pid}).Info("worker started")
 	return cmd, conn, nil
 }
 
+// read takes the worker's answers to stats requests off its pipe until the
+// pipe closes. A worker is not trusted: lines are bounded, anything but a
+// well-formed answer is dropped.
+func (w *worker) read(br *bufio.Reader) {
+	defer w.s.wg.Done()
+	for {
+		line, err := br.ReadSlice('\n')
+		if errors.Is(err, bufio.ErrBufferFull) {
+			for errors.Is(err, bufio.ErrBufferFull) { // skip the rest of an oversized line
+				_, err = br.ReadSlice('\n')
+			}
+			continue
+		}
+		if err != nil {
+			return
+		}
+		var r statsReply
+		if json.Unmarshal(line, &r) != nil || r.Seq == 0 {
+			continue
+		}
+		select {
+		case w.stats <- r:
+		default: // nobody asked for this one
+		}
+	}
+}
+
+// send writes an update to the worker's pipe, if it has one. The caller
+// holds s.mu. A worker that does not read its pipe within updateTimeout
+// misses the update (it hurts only its own VM) and is logged.
+func (w *worker) send(u workerUpdate) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.pipe == nil {
+		return // not ready yet: start syncs its whole table
+	}
+	w.pipe.SetWriteDeadline(time.Now().Add(updateTimeout))
+	err := writeUpdate(w.pipe, u)
+	w.pipe.SetWriteDeadline(time.Time{})
+	if err != nil {
+		w.s.log.WithField("vm", w.vm.Name).WithError(err).Error("fabric table update not delivered to the worker")
+	}
+}
+
+// broadcast sends an update to every worker but skip. The caller holds
+// s.mu.
+func (s *Supervisor) broadcast(u workerUpdate, skip *worker) {
+	for _, w := range s.workers {
+		if w != skip {
+			w.send(u)
+		}
+	}
+}
+
 // supervise waits for the worker to exit and restarts it with backoff
-// until the supervisor closes.
+// until the supervisor closes or the VM is removed.
 func (w *worker) supervise(cmd *exec.Cmd, conn net.Conn) {
 	defer w.s.wg.Done()
+	defer close(w.exited)
 	s := w.s
 	backoff := s.opts.MinBackoff
 	for {
@@ -422,18 +607,19 @@ func (w *worker) supervise(cmd *exec.Cmd, conn net.Conn) {
 		conn.Close()
 		os.Remove(w.pidFile)
 		w.mu.Lock()
-		w.proc = nil
+		w.proc, w.pipe = nil, nil
+		if w.state != StateStopping {
+			w.state = StateRestarting
+		}
 		w.mu.Unlock()
-		select {
-		case <-s.done:
-			s.log.WithFields(logrus.Fields{"vm": w.name, "pid": cmd.Process.Pid, "status": cmd.ProcessState.String()}).Info("worker stopped")
+		if w.stopping() {
+			s.log.WithFields(logrus.Fields{"vm": w.vm.Name, "pid": cmd.Process.Pid, "status": cmd.ProcessState.String()}).Info("worker stopped")
 			return
-		default:
 		}
 		if time.Since(began) > time.Minute {
 			backoff = s.opts.MinBackoff
 		}
-		l := s.log.WithFields(logrus.Fields{"vm": w.name, "pid": cmd.Process.Pid, "status": cmd.ProcessState.String(), "restart_in": backoff})
+		l := s.log.WithFields(logrus.Fields{"vm": w.vm.Name, "pid": cmd.Process.Pid, "status": cmd.ProcessState.String(), "restart_in": backoff})
 		if err != nil {
 			l = l.WithError(err)
 		}
@@ -442,17 +628,22 @@ func (w *worker) supervise(cmd *exec.Cmd, conn net.Conn) {
 			select {
 			case <-s.done:
 				return
+			case <-w.stop:
+				return
 			case <-time.After(backoff):
 			}
 			backoff = min(2*backoff, s.opts.MaxBackoff)
 			cmd, conn, err = w.start()
 			if err == nil {
+				w.mu.Lock()
+				w.restarts++
+				w.mu.Unlock()
 				break
 			}
 			if errors.Is(err, ErrClosed) {
 				return
 			}
-			s.log.WithFields(logrus.Fields{"vm": w.name, "restart_in": backoff}).WithError(err).Error("worker restart failed")
+			s.log.WithFields(logrus.Fields{"vm": w.vm.Name, "restart_in": backoff}).WithError(err).Error("worker restart failed")
 		}
 	}
 }
@@ -466,17 +657,23 @@ func (w *worker) signal(sig os.Signal) {
 	}
 }
 
+// pid returns the worker's current process ID (0 while it has none).
+func (w *worker) pid() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.proc == nil {
+		return 0
+	}
+	return w.proc.Pid
+}
+
 // PIDs returns each VM's current worker process ID (0 while it has none).
 func (s *Supervisor) PIDs() map[string]int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	m := map[string]int{}
 	for _, w := range s.workers {
-		w.mu.Lock()
-		if w.proc != nil {
-			m[w.name] = w.proc.Pid
-		} else {
-			m[w.name] = 0
-		}
-		w.mu.Unlock()
+		m[w.vm.Name] = w.pid()
 	}
 	return m
 }
@@ -487,12 +684,19 @@ func (s *Supervisor) HostStack() *sdp.Stack { return s.host }
 // Exporter returns the exports server.
 func (s *Supervisor) Exporter() *sdpback.Exporter { return s.exporter }
 
-// Close stops the workers (SIGTERM, then SIGKILL after StopTimeout), waits
-// for them, then closes the exports and the host stack. It is idempotent.
+// Close stops the control socket and the workers (SIGTERM, then SIGKILL
+// after StopTimeout), waits for them, then closes the exports and the host
+// stack. It is idempotent.
 func (s *Supervisor) Close() {
 	s.closeOnce.Do(func() {
 		close(s.done)
-		for _, w := range s.workers {
+		if s.ctl != nil {
+			s.ctl.close() // no new requests; running ones see done
+		}
+		s.mu.Lock()
+		workers := slices.Clone(s.workers)
+		s.mu.Unlock()
+		for _, w := range workers {
 			w.signal(syscall.SIGTERM)
 		}
 		stopped := make(chan struct{})
@@ -500,15 +704,16 @@ func (s *Supervisor) Close() {
 		select {
 		case <-stopped:
 		case <-time.After(s.opts.StopTimeout):
-			for _, w := range s.workers {
-				w.mu.Lock()
-				if w.proc != nil {
-					s.log.WithFields(logrus.Fields{"vm": w.name, "pid": w.proc.Pid}).Warn("worker ignored SIGTERM; killing it")
+			for _, w := range workers {
+				if pid := w.pid(); pid != 0 {
+					s.log.WithFields(logrus.Fields{"vm": w.vm.Name, "pid": pid}).Warn("worker ignored SIGTERM; killing it")
 				}
-				w.mu.Unlock()
 				w.signal(syscall.SIGKILL)
 			}
 			<-stopped
+		}
+		if s.ctl != nil {
+			s.ctl.wait() // an Add in flight has failed by now
 		}
 		close(s.spawn)
 		<-s.spawnDone
@@ -524,5 +729,12 @@ func (s *Supervisor) Close() {
 		for _, f := range s.files {
 			os.Remove(f)
 		}
+		s.mu.Lock()
+		for _, w := range s.workers {
+			for _, f := range w.files() {
+				os.Remove(f)
+			}
+		}
+		s.mu.Unlock()
 	})
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"github.com/vsdp/vsdp/sdpback"
 	"github.com/vsdp/vsdp/verbs/soft"
 )
 
@@ -37,6 +38,46 @@ type workerReply struct {
 	Error string `json:"error,omitempty"`
 }
 
+// After the ready answer the pipe carries updates, one JSON object per
+// line (supervisor → worker), and the worker's answers to stats requests
+// (worker → supervisor).
+type workerUpdate struct {
+	// Table replaces the worker's whole fabric table (the sync after
+	// ready: changes made while the worker started).
+	Table map[string]string `json:"table,omitempty"`
+	// Set adds or changes addresses (a VM added at run time).
+	Set map[string]string `json:"set,omitempty"`
+	// Delete removes addresses (a VM removed).
+	Delete []string `json:"delete,omitempty"`
+	// Stats, when non-zero, asks for the VM's counters; the answer
+	// echoes it.
+	Stats uint64 `json:"stats,omitempty"`
+}
+
+// statsReply is a worker's answer to a stats request.
+type statsReply struct {
+	Seq      uint64          `json:"seq"`
+	Counters sdpback.VMStats `json:"counters"`
+}
+
+const (
+	// maxWorkerLine bounds a line on the worker pipe either way (a
+	// table of some ten thousand addresses).
+	maxWorkerLine = 1 << 20
+	// updateTimeout bounds a write of one update to a worker's pipe.
+	updateTimeout = 2 * time.Second
+)
+
+// writeUpdate writes u as one line.
+func writeUpdate(w io.Writer, u any) error {
+	b, err := json.Marshal(u)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(append(b, '\n'))
+	return err
+}
+
 // ErrSupervisorGone is RunWorker's answer when its supervisor closed the
 // pipe (the supervisor exited or died).
 var ErrSupervisorGone = errors.New("daemon: supervisor closed the worker pipe")
@@ -49,7 +90,7 @@ var ErrSupervisorGone = errors.New("daemon: supervisor closed the worker pipe")
 // (ErrSupervisorGone). It logs with logrus to stderr, every line with a vm
 // field.
 func RunWorker(pipe io.ReadWriter, stop <-chan os.Signal, stderr io.Writer) error {
-	br := bufio.NewReader(pipe)
+	br := bufio.NewReaderSize(pipe, maxWorkerLine)
 	line, err := br.ReadBytes('\n')
 	if err != nil {
 		return fmt.Errorf("worker configuration: %w", err)
@@ -70,7 +111,7 @@ func RunWorker(pipe io.ReadWriter, stop <-chan os.Signal, stderr io.Writer) erro
 		log.SetLevel(lv)
 	}
 	wlog := log.WithField("vm", wc.VM.Name)
-	d, err := startWorker(&wc, log)
+	d, table, err := startWorker(&wc, log)
 	reply := workerReply{Ready: err == nil, PID: os.Getpid()}
 	if err != nil {
 		reply.Error = err.Error()
@@ -87,8 +128,14 @@ func RunWorker(pipe io.ReadWriter, stop <-chan os.Signal, stderr io.Writer) erro
 	wlog.WithField("pid", os.Getpid()).Info("worker ready")
 	gone := make(chan struct{})
 	go func() {
-		io.Copy(io.Discard, br) //nolint:errcheck // any end of the pipe means the supervisor is gone
-		close(gone)
+		defer close(gone) // any end of the pipe means the supervisor is gone
+		ft := fabricTable{t: table, known: map[netip.Addr]bool{}}
+		for a := range wc.Table {
+			if pa, err := netip.ParseAddr(a); err == nil {
+				ft.known[pa] = true
+			}
+		}
+		readUpdates(br, pipe, &ft, d, wlog)
 	}()
 	var tick <-chan time.Time
 	if wc.Stats > 0 {
@@ -112,6 +159,97 @@ func RunWorker(pipe io.ReadWriter, stop <-chan os.Signal, stderr io.Writer) erro
 	}
 }
 
+// readUpdates applies the supervisor's updates to the worker's fabric
+// table and answers its stats requests, until the pipe ends. The
+// supervisor is trusted; still, a line it cannot parse is logged and
+// skipped, never fatal.
+func readUpdates(br *bufio.Reader, pipe io.Writer, ft *fabricTable, d *Daemon, log *logrus.Entry) {
+	for {
+		line, err := br.ReadSlice('\n')
+		if errors.Is(err, bufio.ErrBufferFull) {
+			for errors.Is(err, bufio.ErrBufferFull) {
+				_, err = br.ReadSlice('\n')
+			}
+			log.Error("supervisor update longer than the line limit; skipped")
+			continue
+		}
+		if err != nil {
+			return
+		}
+		var u workerUpdate
+		dec := json.NewDecoder(bytes.NewReader(line))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&u); err != nil {
+			log.WithError(err).Error("supervisor update")
+			continue
+		}
+		if err := ft.apply(u); err != nil {
+			log.WithError(err).Error("supervisor update")
+		}
+		if u.Stats != 0 && len(d.VMs()) > 0 {
+			if err := writeUpdate(pipe, statsReply{Seq: u.Stats, Counters: d.VMs()[0].Back.Stats()}); err != nil {
+				return
+			}
+		}
+	}
+}
+
+// fabricTable is a worker's soft address table with the set of addresses
+// it holds (a Table cannot list itself), so a full sync can drop what
+// went away.
+type fabricTable struct {
+	t     *soft.Table
+	known map[netip.Addr]bool
+}
+
+// apply applies an update: Table (a full replacement), then Set, then
+// Delete. Entries that do not parse are skipped and reported; the others
+// still apply.
+func (f *fabricTable) apply(u workerUpdate) error {
+	var errs []error
+	set := func(m map[string]string) map[netip.Addr]bool {
+		seen := map[netip.Addr]bool{}
+		for a, e := range m {
+			pa, err := netip.ParseAddr(a)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("fabric table: %w", err))
+				continue
+			}
+			ep, err := soft.ParseEndpoint(e)
+			if err == nil {
+				err = f.t.Set(pa, ep)
+			}
+			if err != nil {
+				errs = append(errs, fmt.Errorf("fabric table %v: %w", pa, err))
+				continue
+			}
+			f.known[pa.Unmap()] = true
+			seen[pa.Unmap()] = true
+		}
+		return seen
+	}
+	if u.Table != nil {
+		seen := set(u.Table)
+		for a := range f.known {
+			if !seen[a] {
+				f.t.Delete(a)
+				delete(f.known, a)
+			}
+		}
+	}
+	set(u.Set)
+	for _, a := range u.Delete {
+		pa, err := netip.ParseAddr(a)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("fabric table: %w", err))
+			continue
+		}
+		f.t.Delete(pa)
+		delete(f.known, pa.Unmap())
+	}
+	return errors.Join(errs...)
+}
+
 // logStats logs a VM's counters.
 func logStats(log *logrus.Logger, v *VM) {
 	st := v.Back.Stats()
@@ -122,53 +260,53 @@ func logStats(log *logrus.Logger, v *VM) {
 // startWorker opens the worker's soft device (the VM's fabric address, its
 // own endpoint, the table from the supervisor) and serves the VM on it. The
 // result is a Daemon with no host stack and one VM.
-func startWorker(wc *workerConfig, log *logrus.Logger) (d *Daemon, err error) {
+func startWorker(wc *workerConfig, log *logrus.Logger) (d *Daemon, table *soft.Table, err error) {
 	switch wc.Provider {
 	case "", "auto", "soft":
 	default:
-		return nil, fmt.Errorf("provider %q: this build supports auto and soft", wc.Provider)
+		return nil, nil, fmt.Errorf("provider %q: this build supports auto and soft", wc.Provider)
 	}
 	addr, err := netip.ParseAddr(wc.VM.Addr)
 	if err != nil {
-		return nil, fmt.Errorf("vm %q addr: %w", wc.VM.Name, err)
+		return nil, nil, fmt.Errorf("vm %q addr: %w", wc.VM.Name, err)
 	}
-	table := soft.NewTable()
+	table = soft.NewTable()
 	for a, e := range wc.Table {
 		pa, err := netip.ParseAddr(a)
 		if err != nil {
-			return nil, fmt.Errorf("fabric table: %w", err)
+			return nil, nil, fmt.Errorf("fabric table: %w", err)
 		}
 		ep, err := soft.ParseEndpoint(e)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if err := table.Set(pa, ep); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	ep, err := soft.ParseEndpoint(wc.Listen)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if ep.Net == "unix" {
 		os.Remove(ep.Addr) // a dead predecessor's endpoint
 	}
 	dev, err := soft.Open(soft.Options{Name: "soft-" + wc.VM.Name, Addrs: []netip.Addr{addr}, Table: table, Listen: ep})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if ep.Net == "unix" {
 		if err := os.Chmod(ep.Addr, 0o600); err != nil {
 			dev.Close()
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	d = &Daemon{log: log, dev: dev, soft: dev}
 	v, err := d.startVM(wc.VM, addr)
 	if err != nil {
 		d.Close()
-		return nil, fmt.Errorf("vm %q: %w", wc.VM.Name, err)
+		return nil, nil, fmt.Errorf("vm %q: %w", wc.VM.Name, err)
 	}
 	d.vms = []*VM{v}
-	return d, nil
+	return d, table, nil
 }
