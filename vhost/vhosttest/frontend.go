@@ -453,6 +453,19 @@ func (q *Queue) WaitCall(d time.Duration) (bool, error) { return waitEventFD(q.C
 // WaitErr waits up to d for the device to signal the err eventfd.
 func (q *Queue) WaitErr(d time.Duration) (bool, error) { return waitEventFD(q.Err, d) }
 
+// ErrSignalled reports, without waiting, whether the device signalled the
+// err eventfd since the last check, and consumes the signal.
+func (q *Queue) ErrSignalled() bool {
+	rc, err := q.Err.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var b [8]byte
+	n := 0
+	_ = rc.Control(func(fd uintptr) { n, _ = unix.Read(int(fd), b[:]) }) // non-blocking eventfd
+	return n == 8
+}
+
 func waitEventFD(f *os.File, d time.Duration) (bool, error) {
 	var b [8]byte
 	_ = f.SetReadDeadline(time.Now().Add(d))

@@ -239,6 +239,11 @@ func (r *Ring) Outstanding() int {
 // ErrRingFull: not enough free descriptors.
 var ErrRingFull = errors.New("vhosttest: ring full")
 
+// ErrChainTooLong: a chain of more buffers than the ring has entries, which
+// a driver must not build even through an indirect table (virtio 1.2
+// §2.7.5.3.1). Hostile tests build one with AddRawIndirect.
+var ErrChainTooLong = errors.New("vhosttest: chain longer than the ring")
+
 func sizeClass(n uint64) uint64 {
 	if n <= 64 {
 		return 64
@@ -285,6 +290,9 @@ func (r *Ring) add(out [][]byte, inSizes []int, indirect bool) (uint16, error) {
 	total := len(out) + len(inSizes)
 	if total == 0 {
 		return 0, fmt.Errorf("vhosttest: empty chain")
+	}
+	if total > int(r.n) {
+		return 0, fmt.Errorf("%w: %d buffers, ring of %d", ErrChainTooLong, total, r.n)
 	}
 	need := total
 	if indirect {
@@ -434,8 +442,15 @@ func (r *Ring) SetNoInterrupt(on bool) {
 func (r *Ring) UsedIdx() uint16 { return uint16(atomic.LoadUint32(r.usedWord) >> 16) }
 
 // Used takes the next used element, if any, and frees its descriptors and
-// buffers. Data is a copy of the written bytes.
-func (r *Ring) Used() (UsedElem, bool, error) {
+// buffers. Data is a fresh copy of the written bytes.
+func (r *Ring) Used() (UsedElem, bool, error) { return r.take(nil) }
+
+// UsedAppend is Used with the written bytes appended to buf[:0] (Data
+// aliases buf when it is large enough): a driver that drains many small
+// buffers reuses one scratch buffer instead of allocating per element.
+func (r *Ring) UsedAppend(buf []byte) (UsedElem, bool, error) { return r.take(buf[:0]) }
+
+func (r *Ring) take(data []byte) (UsedElem, bool, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.UsedIdx() == r.lastUsed {
@@ -458,7 +473,6 @@ func (r *Ring) Used() (UsedElem, bool, error) {
 		return UsedElem{}, false, fmt.Errorf("vhosttest: device used unknown head %d", id)
 	}
 	delete(r.inflight, uint16(id))
-	var data []byte
 	left := int(n)
 	for _, w := range inf.writable {
 		k := min(left, len(w))
@@ -473,6 +487,13 @@ func (r *Ring) Used() (UsedElem, bool, error) {
 	}
 	r.freeBufs(inf)
 	return UsedElem{Head: uint16(id), Len: n, Data: data}, true, nil
+}
+
+// LastUsed returns the used index the driver will consume next.
+func (r *Ring) LastUsed() uint16 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.lastUsed
 }
 
 // --- Raw access for hostile rings ---
@@ -502,6 +523,33 @@ func (r *Ring) WriteTable(ds []RawDesc) (guestmem.GPA, error) {
 		putDesc(t, i, d.Addr, d.Len, d.Flags, d.Next)
 	}
 	return a, nil
+}
+
+// AddRawIndirect makes table, verbatim, the indirect table of a free head
+// and publishes it: a hostile chain (too long, looping, pointing anywhere)
+// that still owns its head. The head stays in flight until the device uses
+// it — a device that rejects the chain never does — so Add never hands it
+// out again meanwhile. Nothing of it is device-writable as far as Used is
+// concerned: a device that claims to have written into it is reported.
+func (r *Ring) AddRawIndirect(table []RawDesc) (uint16, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.free) == 0 {
+		return 0, ErrRingFull
+	}
+	ta, c, err := r.allocBuf(16 * uint64(max(len(table), 1)))
+	if err != nil {
+		return 0, err
+	}
+	t := r.mem.Bytes(ta, 16*uint64(max(len(table), 1)))
+	for i, d := range table {
+		putDesc(t, i, d.Addr, d.Len, d.Flags, d.Next)
+	}
+	head := r.pop()
+	putDesc(r.descB, int(head), ta, uint32(16*len(table)), 4, 0)
+	r.inflight[head] = &inflight{descs: []uint16{head}, bufs: []guestmem.GPA{ta}, sizes: []uint64{c}}
+	r.publish(head)
+	return head, nil
 }
 
 // PutAvail writes heads into the avail ring verbatim and publishes them.

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"sort"
 	"sync"
@@ -15,6 +16,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 
 	"github.com/vsdp/vsdp/vhost"
+	"github.com/vsdp/vsdp/vhost/guestmem"
 	"github.com/vsdp/vsdp/vhost/vhosttest"
 	"github.com/vsdp/vsdp/vhost/virtiofs"
 	"github.com/vsdp/vsdp/vhost/virtiofs/virtiofstest"
@@ -206,8 +208,10 @@ func equal(a, b []string) bool {
 // content is checked by sha256 on the host and back in the guest.
 func TestLargeIO(t *testing.T) {
 	vhosttest.CheckLeaks(t)
-	for _, seg := range []int{0, 4096, 1000} {
-		t.Run(map[int]string{0: "one-descriptor", 4096: "4KiB-descriptors", 1000: "1000B-descriptors"}[seg], func(t *testing.T) {
+	// 1100-byte pieces: 955 descriptors for 1 MiB, within the 1024-entry
+	// ring (a driver must not build a longer chain, even indirect).
+	for _, seg := range []int{0, 4096, 1100} {
+		t.Run(map[int]string{0: "one-descriptor", 4096: "4KiB-descriptors", 1100: "1100B-descriptors"}[seg], func(t *testing.T) {
 			r := newRig(t, virtiofstest.NewMemFS(files(), nil), virtiofs.Options{}, virtiofstest.Options{Seg: seg})
 			r.init()
 			node := r.lookup(fuse.FUSE_ROOT_ID, "data")
@@ -584,4 +588,74 @@ func TestOptions(t *testing.T) {
 	}
 	d.Close()
 	d.Close()
+}
+
+// TestOverlongIndirectChain: a READ whose reply room is more one-byte
+// buffers than the ring has entries (through an indirect table, which
+// virtio 1.2 §2.7.5.3.1 forbids a driver) breaks the request ring with a
+// ChainError: the err eventfd fires (the client fails with ErrRingBroken),
+// the READ is never answered, a RELEASE posted after it is not served on
+// the broken ring (so no reply can carry the READ's unique), and the hiprio
+// ring keeps working.
+func TestOverlongIndirectChain(t *testing.T) {
+	vhosttest.CheckLeaks(t)
+	for _, n := range []int{1025, 65000} {
+		t.Run(fmt.Sprintf("%d-buffers", n), func(t *testing.T) {
+			r := newRig(t, virtiofstest.NewMemFS(files(), nil), virtiofs.Options{}, virtiofstest.Options{})
+			r.init()
+			node := r.lookup(fuse.FUSE_ROOT_ID, "hello")
+			oo, err := r.c.Open(node, syscall.O_RDWR)
+			if err != nil {
+				t.Fatal(err)
+			}
+			q := r.fd.Queues[1]
+			readIn := binary.LittleEndian.AppendUint64(nil, oo.Fh)
+			readIn = binary.LittleEndian.AppendUint64(readIn, 0)
+			req := sized(virtiofs.OpRead, 1000, node, append(readIn, le32s(uint32(n), 0, 0, 0, 0, 0)...))
+			in, err := q.Buffer(uint64(len(req)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			copy(r.fd.Mem.Bytes(in, uint64(len(req))), req)
+			room, err := q.Buffer(64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			table := []vhosttest.RawDesc{{Addr: in, Len: uint32(len(req)), Flags: 1, Next: 1}}
+			for i := range n {
+				table = append(table, vhosttest.RawDesc{Addr: room + guestmem.GPA(i%64), Len: 1, Flags: 1 | 2, Next: uint16(i + 2)})
+			}
+			table[n].Flags = 2
+			before, used := r.dev.Stats(), q.UsedIdx()
+			if _, err := q.AddRawIndirect(table); err != nil {
+				t.Fatal(err)
+			}
+			if err := q.Notify(true); err != nil {
+				t.Fatal(err)
+			}
+			// A RELEASE after it: the broken ring serves nothing, and the
+			// client hears of the break through the err eventfd at once
+			// rather than timing out.
+			rel := sized(virtiofs.OpRelease, 1002, node, binary.LittleEndian.AppendUint64(make([]byte, 0, 24), oo.Fh), make([]byte, 16))
+			start := time.Now()
+			if u, err := r.c.Raw(1, [][]byte{rel}, []int{64}); !errors.Is(err, virtiofstest.ErrRingBroken) {
+				t.Fatalf("RELEASE after the break: %+v, %v; want ErrRingBroken", u, err)
+			}
+			if d := time.Since(start); d > 5*time.Second {
+				t.Errorf("the break took %v to be noticed", d)
+			}
+			if q.UsedIdx() != used {
+				t.Fatalf("used index moved %d→%d on a broken ring", used, q.UsedIdx())
+			}
+			if after := r.dev.Stats(); after.Requests != before.Requests || after.Replies != before.Replies {
+				t.Fatalf("requests %d→%d, replies %d→%d on a broken ring", before.Requests, after.Requests, before.Replies, after.Replies)
+			}
+			// The hiprio ring still answers (an INTERRUPT of nothing comes
+			// back empty).
+			u, err := r.c.Raw(0, [][]byte{sized(virtiofs.OpInterrupt, 1004, 0, make([]byte, 8))}, nil)
+			if err != nil || u.Len != 0 {
+				t.Fatalf("hiprio after the break: %+v, %v", u, err)
+			}
+		})
+	}
 }

@@ -9,9 +9,13 @@
 // The guest driver owns the descriptor table and avail ring and may rewrite
 // them at any moment. Every field is copied out of guest memory once and
 // validated on the copy; the walk is bounded (a chain visits at most as many
-// entries as its table has: cycles and over-long chains are caught), head and
+// entries as its table has: cycles are caught; and a chain holds at most
+// Queue Size buffer descriptors, counting an indirect table's, as virtio 1.2
+// §2.7.5.3.1 requires of drivers: a longer chain is rejected, not served,
+// so one chain never costs more than the ring it came from), head and
 // next indices are range-checked, indirect tables must be negotiated, a
-// non-zero multiple of 16 bytes, at most 65535 entries, never nested and
+// non-zero multiple of 16 bytes, no longer than the queue size less the
+// descriptors before them, never nested and
 // never combined with NEXT; readable descriptors must precede writable ones;
 // each direction is capped at 2^32-1 bytes; every buffer is translated
 // through guestmem (so it lies inside guest memory); an avail index that

@@ -24,6 +24,10 @@ func FuzzPop(f *testing.F) {
 	f.Add(seedChain(2, []vhosttest.RawDesc{{Addr: 0x1000, Len: 64, Flags: virtq.DescNext, Next: 1}, {Addr: 0x2000, Len: 32, Flags: virtq.DescWrite}}))
 	f.Add(seedChain(0x13, []vhosttest.RawDesc{{Addr: 0x1000, Len: 32, Flags: virtq.DescIndirect}}))
 	f.Add(seedChain(2, []vhosttest.RawDesc{{Addr: 0x1000, Len: 8, Flags: virtq.DescNext, Next: 0}}))
+	// An indirect table of 5 chained one-byte buffers on a ring of 4: a
+	// well-formed chain longer than the queue.
+	f.Add(append(seedChain(0x12, []vhosttest.RawDesc{{Addr: 0x1000, Len: 5 * 16, Flags: virtq.DescIndirect}}),
+		seedTable(5, 0x2000)...))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		if len(in) < 3 {
 			return
@@ -94,6 +98,22 @@ func FuzzPop(f *testing.F) {
 		}
 		q.Flush()
 	})
+}
+
+// seedTable encodes k one-byte writable descriptors at a, a+1, …, chained.
+func seedTable(k int, a uint64) []byte {
+	var b []byte
+	for i := 0; i < k; i++ {
+		flags := uint16(virtq.DescWrite | virtq.DescNext)
+		if i == k-1 {
+			flags = virtq.DescWrite
+		}
+		b = binary.LittleEndian.AppendUint64(b, a+uint64(i))
+		b = binary.LittleEndian.AppendUint32(b, 1)
+		b = binary.LittleEndian.AppendUint16(b, flags)
+		b = binary.LittleEndian.AppendUint16(b, uint16(i+1))
+	}
+	return b
 }
 
 func seedChain(opts byte, descs []vhosttest.RawDesc) []byte {

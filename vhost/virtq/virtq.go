@@ -52,10 +52,6 @@ const (
 	UsedNoNotify     = 1 // VIRTQ_USED_F_NO_NOTIFY
 )
 
-// MaxIndirect bounds an indirect table's entry count (the same bound the
-// Linux and rust-vmm devices apply).
-const MaxIndirect = 65535
-
 // maxChainBytes bounds the bytes of one direction of a chain (virtio 1.2
 // §2.7.5.3.1: a chain must not exceed 2^32 bytes).
 const maxChainBytes = 1<<32 - 1
@@ -336,6 +332,11 @@ func (q *Queue) walk(c *Chain) error {
 	table := q.desc
 	tableLen := uint32(q.cfg.Size)
 	ttl := tableLen // a chain visits each table entry at most once
+	// A chain holds at most Queue Size buffer descriptors, counting those
+	// in an indirect table (virtio 1.2 §2.7.5.3.1: a driver must not build
+	// a longer one). The bound keeps what one chain costs the device (its
+	// segment lists, its walk) proportional to the ring, not to 2^16.
+	left := uint32(q.cfg.Size)
 	i := uint32(c.Head)
 	indirect, seenWrite := false, false
 	var rlen, wlen uint64
@@ -355,8 +356,8 @@ func (q *Queue) walk(c *Chain) error {
 				return bad("descriptor %d has both INDIRECT and NEXT", i)
 			case d.len == 0 || d.len%16 != 0:
 				return bad("indirect table length %d is not a non-zero multiple of 16", d.len)
-			case d.len/16 > MaxIndirect:
-				return bad("indirect table of %d entries exceeds %d", d.len/16, MaxIndirect)
+			case d.len/16 > left:
+				return bad("indirect table of %d entries after %d descriptors exceeds the queue size %d", d.len/16, uint32(q.cfg.Size)-left, q.cfg.Size)
 			}
 			t, err := q.tbl.Slice(guestmem.GPA(d.addr), uint64(d.len))
 			if err != nil {
@@ -365,6 +366,12 @@ func (q *Queue) walk(c *Chain) error {
 			table, tableLen, ttl, i, indirect = t, d.len/16, d.len/16, 0, true
 			continue
 		}
+		// Unreachable while ttl ≤ left (the main table has Size entries and
+		// an indirect table at most left), kept as the invariant's guard.
+		if left == 0 {
+			return bad("chain longer than the queue size %d", q.cfg.Size)
+		}
+		left--
 		if d.flags&DescWrite == 0 && seenWrite {
 			return bad("device-readable descriptor %d after a writable one", i)
 		}

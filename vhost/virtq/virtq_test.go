@@ -330,7 +330,21 @@ func TestHostileChains(t *testing.T) {
 		{"indirect table too large", true, func(f *fixture) {
 			f.ring.SetDesc(0, vhosttest.RawDesc{Addr: 0, Len: 16 * 65536, Flags: virtq.DescIndirect})
 			f.ring.PutAvail(0)
-		}, "exceeds 65535"},
+		}, "indirect table of 65536 entries after 0 descriptors exceeds the queue size 16"},
+		{"indirect chain longer than the queue", true, func(f *fixture) {
+			// A well-formed chain of n+1 one-byte writable buffers: only
+			// its length is wrong.
+			f.ring.PostIndirect(0, 0, chainTable(buf(f), n+1))
+		}, "indirect table of 17 entries after 0 descriptors exceeds the queue size 16"},
+		{"indirect chain of 65535 one-byte buffers", true, func(f *fixture) {
+			f.ring.PostIndirect(0, 0, chainTable(buf(f), 65535))
+		}, "indirect table of 65535 entries"},
+		{"direct descriptors plus indirect table longer than the queue", true, func(f *fixture) {
+			tb, _ := f.ring.WriteTable(chainTable(buf(f), n))
+			f.ring.SetDesc(0, vhosttest.RawDesc{Addr: buf(f), Len: 8, Flags: virtq.DescNext, Next: 1})
+			f.ring.SetDesc(1, vhosttest.RawDesc{Addr: tb, Len: 16 * n, Flags: virtq.DescIndirect})
+			f.ring.PutAvail(0)
+		}, "indirect table of 16 entries after 1 descriptors exceeds the queue size 16"},
 		{"indirect table outside memory", true, func(f *fixture) {
 			f.ring.SetDesc(0, vhosttest.RawDesc{Addr: guestmem.GPA(f.gm.Size() - 16), Len: 32, Flags: virtq.DescIndirect})
 			f.ring.PutAvail(0)
@@ -374,6 +388,55 @@ func TestHostileChains(t *testing.T) {
 				t.Fatal("broken queue still flushes")
 			}
 		})
+	}
+}
+
+// chainTable returns an indirect table of k one-byte device-writable
+// buffers at a, linked in order.
+func chainTable(a guestmem.GPA, k int) []vhosttest.RawDesc {
+	t := make([]vhosttest.RawDesc, k)
+	for i := range t {
+		t[i] = vhosttest.RawDesc{Addr: a + guestmem.GPA(i%64), Len: 1, Flags: virtq.DescWrite | virtq.DescNext, Next: uint16(i + 1)}
+	}
+	t[k-1].Flags &^= virtq.DescNext
+	return t
+}
+
+// TestChainAtQueueSize: chains of exactly Queue Size buffers, in an
+// indirect table alone or after direct descriptors, are served whole, and
+// the next chain still pops with its own head.
+func TestChainAtQueueSize(t *testing.T) {
+	const n = 16
+	f := newFixture(t, n, vhosttest.RingOptions{Indirect: true})
+	a, err := f.gm.Alloc(4096, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, err := f.ring.WriteTable(chainTable(a, n-1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.ring.PostIndirect(3, 0, chainTable(a, n)); err != nil {
+		t.Fatal(err)
+	}
+	f.ring.SetDesc(5, vhosttest.RawDesc{Addr: a, Len: 8, Flags: virtq.DescNext, Next: 6})
+	f.ring.SetDesc(6, vhosttest.RawDesc{Addr: tb, Len: 16 * (n - 1), Flags: virtq.DescIndirect})
+	f.ring.PutAvail(5)
+	for _, want := range []struct {
+		head       uint16
+		rlen, wlen int
+	}{{3, 0, n}, {5, 8, n - 1}} {
+		c, err := f.q.Pop()
+		if err != nil || c == nil {
+			t.Fatalf("Pop = %v, %v", c, err)
+		}
+		if c.Head != want.head || c.ReadableLen() != want.rlen || c.WritableLen() != want.wlen {
+			t.Fatalf("chain %d: %d readable, %d writable; want head %d, %d, %d", c.Head, c.ReadableLen(), c.WritableLen(), want.head, want.rlen, want.wlen)
+		}
+		f.q.Push(c, 0)
+	}
+	if c, err := f.q.Pop(); c != nil || err != nil {
+		t.Fatalf("third Pop = %v, %v", c, err)
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"testing"
 
@@ -577,5 +578,93 @@ func TestHostDial(t *testing.T) {
 	g.send(g.hdr(vsock.OpRST, 9001, c2.HostPort()), nil)
 	if err := <-results; !errors.Is(err, vsock.ErrRefused) {
 		t.Fatalf("refused dial: %v", err)
+	}
+}
+
+// TestOverlongIndirectChain: a chain of more buffers than the ring has
+// entries, built through an indirect table (which virtio 1.2 §2.7.5.3.1
+// forbids a driver), breaks that ring with a ChainError and is never used:
+// no used entry for it or for anything posted after it, on either ring.
+// The session then stops the ring, which resets every stream.
+func TestOverlongIndirectChain(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		q    int
+		n    int // buffers in the table
+	}{
+		{"tx of 129 buffers", vsock.TxQueue, 129},
+		{"tx of 65535 one-byte buffers", vsock.TxQueue, 65535},
+		{"rx of 129 buffers", vsock.RxQueue, 129},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := &echo{}
+			g := newGuest(t, vsock.Config{}, e, false)
+			// One rx buffer, for the RESPONSE: the rx chain under test is
+			// then the next one the device pops.
+			g.postRx(1)
+			g.send(g.hdr(vsock.OpRequest, 3000, 7), nil)
+			if ps := g.recv(); findOp(ps, vsock.OpResponse) == nil {
+				t.Fatal("no RESPONSE")
+			}
+			r := g.txr
+			if tc.q == vsock.RxQueue {
+				r = g.rxr
+			}
+			buf, err := r.Buffer(4096)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// A header, then one-byte pieces: a well-formed chain but for
+			// its length.
+			hb := hdrBytes(g.hdr(vsock.OpRW, 3000, 7))
+			copy(g.gm.Bytes(buf, vsock.HeaderSize), hb)
+			table := make([]vhosttest.RawDesc, tc.n)
+			flags := uint16(0)
+			if tc.q == vsock.RxQueue {
+				flags = virtq.DescWrite
+			}
+			for i := range table {
+				table[i] = vhosttest.RawDesc{Addr: buf + guestmem.GPA(i%64), Len: 1, Flags: flags | virtq.DescNext, Next: uint16(i + 1)}
+			}
+			table[0].Len = vsock.HeaderSize
+			table[tc.n-1].Flags &^= virtq.DescNext
+			usedTx, usedRx := g.txr.UsedIdx(), g.rxr.UsedIdx()
+			if _, err := r.AddRawIndirect(table); err != nil {
+				t.Fatal(err)
+			}
+			// A good packet after it must not be served either.
+			if _, err := g.txr.Add([][]byte{hdrBytes(g.hdr(vsock.OpCreditRequest, 3000, 7))}, nil); err != nil {
+				t.Fatal(err)
+			}
+			if tc.q == vsock.RxQueue {
+				// The CREDIT_REQUEST is served (its CREDIT_UPDATE pops the
+				// bad rx chain); the rx ring reports the break.
+				if _, err := g.dev.Kick(vsock.TxQueue); err != nil {
+					t.Fatalf("tx kick: %v", err)
+				}
+			}
+			_, err = g.dev.Kick(tc.q)
+			var ce *virtq.ChainError
+			if !errors.As(err, &ce) || !errors.Is(err, virtq.ErrBroken) || !strings.Contains(err.Error(), "exceeds the queue size 128") {
+				t.Fatalf("kick: %v; want a ChainError for the chain's length", err)
+			}
+			if _, err := g.dev.Kick(tc.q); !errors.Is(err, virtq.ErrBroken) {
+				t.Fatalf("second kick: %v; the ring must stay broken", err)
+			}
+			if g.txr.UsedIdx() != usedTx+uint16(map[bool]int{true: 1}[tc.q == vsock.RxQueue]) || g.rxr.UsedIdx() != usedRx {
+				t.Fatalf("used indices moved: tx %d→%d rx %d→%d", usedTx, g.txr.UsedIdx(), usedRx, g.rxr.UsedIdx())
+			}
+			// The session stops a broken ring: every stream is reset.
+			g.dev.QueueStop(tc.q)
+			e.mu.Lock()
+			s := e.streams[0]
+			e.mu.Unlock()
+			s.mu.Lock()
+			rerr := s.resetErr
+			s.mu.Unlock()
+			if !errors.Is(rerr, vsock.ErrReset) || g.dev.Conns() != 0 {
+				t.Fatalf("stream after the break: %v, %d conns", rerr, g.dev.Conns())
+			}
+		})
 	}
 }

@@ -36,6 +36,10 @@ var (
 	ErrTimeout = errors.New("virtiofstest: request timed out")
 	// ErrClosed: the client was closed.
 	ErrClosed = errors.New("virtiofstest: client closed")
+	// ErrRingBroken: the device signalled the ring's err eventfd (it found
+	// the ring corrupt and serves it no more): requests waiting on that
+	// ring, and later ones, fail at once instead of timing out.
+	ErrRingBroken = errors.New("virtiofstest: ring broken")
 )
 
 // Options configure a Client; the zero value is usable.
@@ -71,6 +75,7 @@ type Client struct {
 	closed  bool
 	err     error
 	done    chan struct{}
+	broken  [2]chan struct{} // closed when ring 0 or 1 signals its err eventfd
 }
 
 // New starts a client on dev (already Start-ed).
@@ -82,7 +87,7 @@ func New(dev *vhosttest.Device, o Options) (*Client, error) {
 		o.Timeout = 10 * time.Second
 	}
 	c := &Client{hi: dev.Queues[0], rq: dev.Queues[1], o: o, waiters: map[key]chan vhosttest.UsedElem{},
-		done: make(chan struct{})}
+		done: make(chan struct{}), broken: [2]chan struct{}{make(chan struct{}), make(chan struct{})}}
 	c.cond = sync.NewCond(&c.mu)
 	go c.loop()
 	return c, nil
@@ -139,7 +144,23 @@ func (c *Client) loop() {
 		c.mu.Unlock()
 		if !got {
 			vhosttest.WaitCalls(2*time.Millisecond, qs...)
+			for i, q := range qs {
+				if q.ErrSignalled() {
+					c.markBroken(i)
+				}
+			}
 		}
+	}
+}
+
+// markBroken fails ring i's requests (once).
+func (c *Client) markBroken(i int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	select {
+	case <-c.broken[i]:
+	default:
+		close(c.broken[i])
 	}
 }
 
@@ -153,6 +174,11 @@ func (c *Client) Raw(q int, readable [][]byte, writable []int) (vhosttest.UsedEl
 	}
 	ch := make(chan vhosttest.UsedElem, 1)
 	deadline := time.Now().Add(c.o.Timeout)
+	select {
+	case <-c.broken[q]:
+		return vhosttest.UsedElem{}, fmt.Errorf("%w: ring %d", ErrRingBroken, q)
+	default:
+	}
 	c.mu.Lock()
 	var head uint16
 	for {
@@ -188,11 +214,14 @@ func (c *Client) Raw(q int, readable [][]byte, writable []int) (vhosttest.UsedEl
 	}
 	t := time.NewTimer(time.Until(deadline))
 	defer t.Stop()
+	broke := false
 	select {
 	case u := <-ch:
 		return u, nil
 	case <-t.C:
 	case <-c.done:
+	case <-c.broken[q]:
+		broke = true
 	}
 	c.mu.Lock()
 	delete(c.waiters, k)
@@ -203,8 +232,11 @@ func (c *Client) Raw(q int, readable [][]byte, writable []int) (vhosttest.UsedEl
 		return u, nil
 	default:
 	}
-	if closed {
+	switch {
+	case closed:
 		return vhosttest.UsedElem{}, ErrClosed
+	case broke:
+		return vhosttest.UsedElem{}, fmt.Errorf("%w: ring %d", ErrRingBroken, q)
 	}
 	return vhosttest.UsedElem{}, ErrTimeout
 }

@@ -52,9 +52,16 @@ func (s *sink) Pull(dst [][]byte) (int, bool) {
 func (s *sink) Shutdown(bool, bool, bool) {}
 func (s *sink) Reset(error)               {}
 
-func setup(b *testing.B) (*vsocktest.Guest, *sink, func()) {
+func setup(b testing.TB) (*vsocktest.Guest, *sink, func()) {
 	s := &sink{}
-	srv := &vhost.Server{NewDevice: func() (vhost.Device, error) { return vsock.New(vsock.Config{CID: 3}, s) }}
+	g, done := setupBackend(b, s)
+	return g, s, done
+}
+
+// setupBackend serves a vsock device for CID 3 with backend be over a
+// vhost-user socket and starts the fake guest driver on it.
+func setupBackend(b testing.TB, be vsock.Backend) (*vsocktest.Guest, func()) {
+	srv := &vhost.Server{NewDevice: func() (vhost.Device, error) { return vsock.New(vsock.Config{CID: 3}, be) }}
 	sock := filepath.Join(b.TempDir(), "v.sock")
 	go srv.ListenAndServe(sock)
 	var f *vhosttest.Frontend
@@ -79,7 +86,7 @@ func setup(b *testing.B) (*vsocktest.Guest, *sink, func()) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	return g, s, func() { g.Close(); dev.Close(); f.Close(); srv.Close() }
+	return g, func() { g.Close(); dev.Close(); f.Close(); srv.Close() }
 }
 
 // BenchmarkVsockPath measures the vsock device's data path alone through
@@ -137,6 +144,7 @@ func BenchmarkVsockPath(b *testing.B) {
 			conn := s.c
 			s.mu.Unlock()
 			conn.Notify()
+			st0 := g.Stats()
 			for left := b.N * sz.n; left > 0; {
 				k, err := c.Read(buf[:min(len(buf), left)])
 				if err != nil {
@@ -146,6 +154,12 @@ func BenchmarkVsockPath(b *testing.B) {
 			}
 			wall, cpu := m.Stop()
 			b.StopTimer()
+			st := g.Stats()
+			// Wakeups of the guest's rx loop: interrupts, and polls that
+			// found no interrupt (a slow host) or a missed one (a bug).
+			b.ReportMetric(float64(st.Interrupts-st0.Interrupts), "irqs")
+			b.ReportMetric(float64(st.Timeouts-st0.Timeouts), "timeouts")
+			b.ReportMetric(float64(st.Missed-st0.Missed), "missed")
 			vhosttest.ReportCPU(b, int64(b.N)*int64(sz.n), wall, cpu)
 		})
 		b.Run(sz.name+"/baseline-memcpy", func(b *testing.B) {

@@ -5,6 +5,14 @@
 // blocking stream connections. It is trusted test code; it reports what the
 // device does wrong (a packet larger than its buffer, data beyond the
 // guest's credit) as errors on the stream.
+//
+// One goroutine reaps the rings: it drains every used rx buffer under one
+// lock into per-stream receive buffers (bounded by the credit, so they stop
+// growing at BufAlloc) and wakes readers once per batch, reposts rx
+// buffers, then sleeps until an rx interrupt (polling every 2 ms as a
+// safety net). Stats count how it woke, so tests can tell a stream carried
+// by interrupts from one rescued by polls (Missed: an interrupt the device
+// owed). Lock order: Guest.mu, then the rings' own locks.
 package vsocktest
 
 import (
@@ -47,6 +55,27 @@ type Guest struct {
 	err     error
 	done    chan struct{}
 	async   sync.WaitGroup // replies sent from the rx loop's helpers
+	stats   Stats          // guarded by mu
+}
+
+// Stats count how the driver's rx loop woke up. The driver asks for an
+// interrupt at every used entry (EVENT_IDX used_event = its next index), so
+// a device that publishes rx entries must signal: Missed counts entries
+// found published while no interrupt came even after a grace period — a
+// notification the device owed and never sent.
+type Stats struct {
+	Interrupts uint64 // woken by the rx call eventfd
+	Timeouts   uint64 // no interrupt within the poll interval (idle, or a slow host)
+	Missed     uint64 // timeouts that found rx entries no interrupt announced
+	Packets    uint64 // rx packets received
+	Batches    uint64 // rx drains that found at least one packet
+}
+
+// Stats returns the driver's counters.
+func (g *Guest) Stats() Stats {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.stats
 }
 
 // spawn runs f on its own goroutine unless the driver is closing; Close
@@ -97,37 +126,82 @@ func (g *Guest) fillRx() {
 	g.rx.Notify(false)
 }
 
+// pollInterval bounds how long the rx loop sleeps without an interrupt (a
+// safety net: with a correct device every rx publication interrupts).
+const pollInterval = 2 * time.Millisecond
+
+// missedGrace is how long a timed-out loop that finds rx entries waits for
+// their interrupt before counting it missed: the device signals just after
+// publishing, so a host that stalls the device between the two is not a
+// lost interrupt.
+const missedGrace = 500 * time.Millisecond
+
 // loop reaps rx packets and tx completions until Close.
 func (g *Guest) loop() {
 	defer close(g.done)
+	var scratch []byte
 	for {
 		g.mu.Lock()
-		closed := g.closed
-		g.mu.Unlock()
-		if closed {
+		if g.closed {
+			g.mu.Unlock()
 			return
 		}
-		got := false
+		// Drain every used rx buffer under one lock and wake readers once
+		// per batch, not per packet.
+		n := 0
+		var err error
 		for {
-			u, ok, err := g.rx.Used()
-			if err != nil {
-				g.fail(err)
-				return
-			}
-			if !ok {
+			var u vhosttest.UsedElem
+			var ok bool
+			u, ok, err = g.rx.UsedAppend(scratch)
+			if err != nil || !ok {
 				break
 			}
-			got = true
+			scratch = u.Data[:0]
+			n++
 			g.packet(u.Data)
 		}
-		if got {
+		if n > 0 {
+			g.stats.Packets += uint64(n)
+			g.stats.Batches++
+			g.cond.Broadcast()
+		}
+		g.mu.Unlock()
+		if err != nil {
+			g.fail(err)
+			return
+		}
+		if n > 0 {
 			g.fillRx()
 		}
 		g.reapTx()
-		if !got {
-			g.rx.WaitCall(2 * time.Millisecond)
+		if n == 0 {
+			g.wait()
 		}
 	}
+}
+
+// wait sleeps until an rx interrupt or pollInterval, and counts how it
+// woke.
+func (g *Guest) wait() {
+	woke, _ := g.rx.WaitCall(pollInterval)
+	missed := false
+	if !woke && g.rx.UsedIdx() != g.rx.LastUsed() {
+		// Entries are published and no interrupt was seen: give the
+		// device its grace period to signal.
+		got, _ := g.rx.WaitCall(missedGrace)
+		missed = !got
+	}
+	g.mu.Lock()
+	if woke {
+		g.stats.Interrupts++
+	} else {
+		g.stats.Timeouts++
+	}
+	if missed {
+		g.stats.Missed++
+	}
+	g.mu.Unlock()
 }
 
 func (g *Guest) fail(err error) {
@@ -181,18 +255,16 @@ func (g *Guest) send(h vsock.Header, payload []byte) error {
 	}
 }
 
-// packet dispatches one rx packet.
+// packet dispatches one rx packet; b is valid only during the call.
+// Caller holds g.mu and broadcasts g.cond afterwards.
 func (g *Guest) packet(b []byte) {
 	var h vsock.Header
 	if h.Decode(b) != nil || int(h.Len) != len(b)-vsock.HeaderSize {
-		g.fail(fmt.Errorf("vsocktest: malformed rx packet of %d bytes", len(b)))
+		g.err = fmt.Errorf("vsocktest: malformed rx packet of %d bytes", len(b))
 		return
 	}
 	payload := b[vsock.HeaderSize:]
 	k := key{h.DstPort, h.SrcPort}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	defer g.cond.Broadcast()
 	c := g.conns[k]
 	if c != nil {
 		c.peerBuf, c.peerFwd = h.BufAlloc, h.FwdCnt
@@ -227,10 +299,10 @@ func (g *Guest) packet(b []byte) {
 		if c == nil {
 			return
 		}
-		if len(c.rbuf)+len(payload) > BufAlloc {
-			c.err = fmt.Errorf("vsocktest: host sent beyond the guest's credit (%d buffered + %d)", len(c.rbuf), len(payload))
+		if c.buffered()+len(payload) > BufAlloc {
+			c.err = fmt.Errorf("vsocktest: host sent beyond the guest's credit (%d buffered + %d)", c.buffered(), len(payload))
 		}
-		c.rbuf = append(c.rbuf, payload...)
+		c.push(payload)
 	case vsock.OpShutdown:
 		if c != nil && h.Flags&vsock.ShutdownSend != 0 {
 			c.eof = true
@@ -294,9 +366,24 @@ type Conn struct {
 	peerBuf, peerFwd uint32 // the host's window
 	txCnt            uint32
 	fwd, fwdSent     uint32
-	rbuf             []byte
+	rbuf             []byte // received bytes are rbuf[roff:]
+	roff             int
 	eof, reset       bool
 	err              error
+}
+
+// buffered returns the bytes received and not read. Caller holds g.mu.
+func (c *Conn) buffered() int { return len(c.rbuf) - c.roff }
+
+// push appends received bytes, moving the unread ones to the front when
+// that makes room: the credit bounds them to BufAlloc, so the buffer stops
+// growing there. Caller holds g.mu.
+func (c *Conn) push(p []byte) {
+	if len(c.rbuf)+len(p) > cap(c.rbuf) && c.roff > 0 {
+		c.rbuf = c.rbuf[:copy(c.rbuf, c.rbuf[c.roff:])]
+		c.roff = 0
+	}
+	c.rbuf = append(c.rbuf, p...)
 }
 
 // LocalPort and PeerPort name the stream.
@@ -335,22 +422,25 @@ func (c *Conn) Write(p []byte) (int, error) {
 func (c *Conn) Read(p []byte) (int, error) {
 	g := c.g
 	g.mu.Lock()
-	for len(c.rbuf) == 0 && !c.eof && !c.reset && c.err == nil && !g.closed && g.err == nil {
+	for c.buffered() == 0 && !c.eof && !c.reset && c.err == nil && !g.closed && g.err == nil {
 		g.cond.Wait()
 	}
 	if c.err != nil || g.err != nil {
 		g.mu.Unlock()
 		return 0, errors.Join(c.err, g.err)
 	}
-	if len(c.rbuf) == 0 {
+	if c.buffered() == 0 {
 		g.mu.Unlock()
 		if c.reset {
 			return 0, ErrReset
 		}
 		return 0, io.EOF
 	}
-	n := copy(p, c.rbuf)
-	c.rbuf = c.rbuf[n:]
+	n := copy(p, c.rbuf[c.roff:])
+	c.roff += n
+	if c.roff == len(c.rbuf) {
+		c.rbuf, c.roff = c.rbuf[:0], 0
+	}
 	c.fwd += uint32(n)
 	update := c.fwd-c.fwdSent >= BufAlloc/4
 	g.mu.Unlock()
