@@ -103,22 +103,8 @@ func TestControlAddRemove(t *testing.T) {
 		Exports: []daemon.ExportConfig{{Port: 8080, Target: target}},
 		VMs:     []daemon.VMConfig{{Name: "a", Socket: filepath.Join(dir, "a.sock"), CID: 20, Addr: "10.70.0.20", Policy: pol}},
 	}
-	b, _ := json.Marshal(cfg)
-	cfgPath := filepath.Join(dir, "vsdpd.json")
-	if err := os.WriteFile(cfgPath, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	logf, err := os.Create(filepath.Join(dir, "vsdpd.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
 	ctlPath := filepath.Join(dir, "vsdpd.ctl")
-	cmd := exec.Command(bin, "-config", cfgPath, "-run-dir", dir)
-	cmd.Stderr = logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd, logPath := startVsdpd(t, bin, dir, cfg)
 	var pids []int
 	waited := false
 	t.Cleanup(func() {
@@ -132,7 +118,7 @@ func TestControlAddRemove(t *testing.T) {
 			}
 		}
 		if t.Failed() {
-			out, _ := os.ReadFile(logf.Name())
+			out, _ := os.ReadFile(logPath)
 			t.Logf("vsdpd log:\n%s", out)
 		}
 	})

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -29,14 +28,7 @@ func TestMain(m *testing.M) { vmtest.Main(m) }
 // destinations give the errors a TCP program expects.
 func TestVMProductPath(t *testing.T) {
 	vmtest.Require(t)
-	root, err := images.FindModuleRoot(".")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lib := filepath.Join(root, "build", "guest", "libvsdp.so")
-	if _, err := os.Stat(lib); err != nil {
-		t.Fatalf("%v: run `make build` (guestdrv/build.sh) first", err)
-	}
+	lib := filepath.Join(guestBuild(t), "build", "guest", "libvsdp.so")
 	const size = 16 << 20
 	b := newDemoBlob(size)
 	httpLn, err := net.Listen("tcp", "127.0.0.1:0")

@@ -2,10 +2,8 @@ package daemon_test
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -26,14 +24,7 @@ import (
 // the supervisor and its worker.
 func TestVMWorkerMode(t *testing.T) {
 	vmtest.Require(t)
-	root, err := images.FindModuleRoot(".")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lib := filepath.Join(root, "build", "guest", "libvsdp.so")
-	if _, err := os.Stat(lib); err != nil {
-		t.Fatalf("%v: run `make build` (guestdrv/build.sh) first", err)
-	}
+	lib := filepath.Join(guestBuild(t), "build", "guest", "libvsdp.so")
 	bin := buildVsdpd(t)
 	target, sum := serveBlob(t, 8<<20)
 	dir := t.TempDir()
@@ -43,24 +34,7 @@ func TestVMWorkerMode(t *testing.T) {
 		VMs: []daemon.VMConfig{{Name: "w", Socket: filepath.Join(dir, "w.sock"), FSSocket: filepath.Join(dir, "w-fs.sock"),
 			CID: 5, Addr: "10.64.0.5", Policy: []string{"sdp 10.64.0.1:8080"}}},
 	}
-	b, err := json.Marshal(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfgPath := filepath.Join(dir, "vsdpd.json")
-	if err := os.WriteFile(cfgPath, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	logf, err := os.Create(filepath.Join(dir, "vsdpd.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	cmd := exec.Command(bin, "-config", cfgPath, "-run-dir", dir)
-	cmd.Stderr = logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd, logPath := startVsdpd(t, bin, dir, cfg)
 	worker := 0
 	// Registered before the VM's cleanup, so it runs after QEMU is gone.
 	t.Cleanup(func() {
@@ -84,7 +58,7 @@ func TestVMWorkerMode(t *testing.T) {
 			t.Errorf("worker %d outlived its supervisor", worker)
 		}
 		if t.Failed() {
-			out, _ := os.ReadFile(logf.Name())
+			out, _ := os.ReadFile(logPath)
 			t.Logf("vsdpd log:\n%s", out)
 		}
 	})

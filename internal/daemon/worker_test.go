@@ -42,6 +42,32 @@ func buildVsdpd(t *testing.T) string {
 	return bin
 }
 
+// startVsdpd writes cfg to dir/vsdpd.json and starts the vsdpd binary on it
+// with dir as its run directory and args after; its log goes to the file
+// whose path it returns. The caller ends it.
+func startVsdpd(t *testing.T, bin, dir string, cfg daemon.Config, args ...string) (*exec.Cmd, string) {
+	t.Helper()
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfgPath := filepath.Join(dir, "vsdpd.json")
+	if err := os.WriteFile(cfgPath, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	logf, err := os.Create(filepath.Join(dir, "vsdpd.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close() // the child has its own descriptor
+	cmd := exec.Command(bin, append([]string{"-config", cfgPath, "-run-dir", dir}, args...)...)
+	cmd.Stderr = logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return cmd, logf.Name()
+}
+
 // simGuest is a simulated guest on one VM socket (fake front-end + vsock
 // driver) with its control connection.
 type simGuest struct {
@@ -134,24 +160,7 @@ func TestWorkerProcesses(t *testing.T) {
 				Policy: []string{"sdp 10.60.0.1:8080"}},
 		},
 	}
-	b, err := json.Marshal(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfgPath := filepath.Join(dir, "vsdpd.json")
-	if err := os.WriteFile(cfgPath, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	logf, err := os.Create(filepath.Join(dir, "vsdpd.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	cmd := exec.Command(bin, "-config", cfgPath, "-run-dir", dir, "-stats", "100ms")
-	cmd.Stderr = logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd, logPath := startVsdpd(t, bin, dir, cfg, "-stats", "100ms")
 	var pids []int
 	waited := false
 	t.Cleanup(func() {
@@ -165,7 +174,7 @@ func TestWorkerProcesses(t *testing.T) {
 			}
 		}
 		if t.Failed() || testing.Verbose() {
-			out, _ := os.ReadFile(logf.Name())
+			out, _ := os.ReadFile(logPath)
 			t.Logf("vsdpd log:\n%s", out)
 		}
 	})
@@ -249,7 +258,7 @@ func TestWorkerProcesses(t *testing.T) {
 			t.Errorf("%s left behind (%v)", f, err)
 		}
 	}
-	out, _ := os.ReadFile(logf.Name())
+	out, _ := os.ReadFile(logPath)
 	for _, want := range []string{"worker started", "worker exited", "vm=a", "worker stopped", "msg=stats"} {
 		if !bytes.Contains(out, []byte(want)) {
 			t.Errorf("log lacks %q", want)
@@ -266,15 +275,7 @@ func TestWorkersExitWithSupervisor(t *testing.T) {
 		Fabric: daemon.Fabric{Addr: "10.61.0.1"},
 		VMs:    []daemon.VMConfig{{Name: "c", Socket: filepath.Join(dir, "c.sock"), CID: 5, Addr: "10.61.0.5"}},
 	}
-	b, _ := json.Marshal(cfg)
-	cfgPath := filepath.Join(dir, "vsdpd.json")
-	if err := os.WriteFile(cfgPath, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "-config", cfgPath, "-run-dir", dir, "-log-level", "warn")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd, _ := startVsdpd(t, bin, dir, cfg, "-log-level", "warn")
 	pid := 0
 	t.Cleanup(func() {
 		cmd.Process.Kill()
