@@ -35,6 +35,7 @@ const (
 type ulpNet struct {
 	listen func() (accept func(context.Context) (net.Conn, error), close func() error, err error)
 	dial   func(ctx context.Context) (net.Conn, error)
+	trace  *phases // SDP's set-up phases, printed after the set-up connections
 }
 
 // TestGuestULP is one half of the ULP comparison that TestVMSDPOverIbv runs
@@ -55,6 +56,7 @@ func TestGuestULP(t *testing.T) {
 	switch transport {
 	case "sdp":
 		st, _ := ibvStack(t)
+		n.trace = tracePhases(st)
 		n.listen = func() (func(context.Context) (net.Conn, error), func() error, error) {
 			l, err := st.Listen(ulpPort, 16)
 			if err != nil {
@@ -154,6 +156,18 @@ func ulpServer(ctx context.Context, t *testing.T, n ulpNet) {
 		}
 		c.Close()
 	}
+	n.printTrace()
+}
+
+// printTrace prints the set-up phases of the last ulpConnects connections.
+func (n ulpNet) printTrace() {
+	if n.trace == nil {
+		return
+	}
+	lines := n.trace.lines()
+	for _, l := range lines[max(0, len(lines)-ulpConnects):] {
+		fmt.Printf("ULP-TRACE %s\n", l)
+	}
 }
 
 func ulpClient(ctx context.Context, t *testing.T, n ulpNet, transport string) {
@@ -205,6 +219,7 @@ func ulpClient(ctx context.Context, t *testing.T, n ulpNet, transport string) {
 		setup[i] = time.Since(t0)
 		c.Close()
 	}
+	n.printTrace()
 	slices.Sort(setup)
 	t.Logf("%s set-up: %v", transport, setup)
 	fmt.Printf("ULP %s setup %.2f\n", transport, float64(setup[len(setup)/2].Microseconds()))

@@ -22,6 +22,7 @@ const (
 	DefaultDialTimeout  = 10 * time.Second
 	DefaultNagleDelay   = 100 * time.Millisecond // gen2's back-stop timer (ref §4.2)
 	DefaultBacklog      = 128
+	DefaultBufferSets   = 4 // idle registered buffer sets a stack keeps (1 MiB each with the defaults)
 	minRecvBufs         = 4
 	maxBufs             = 1024
 	ctlSlotSize         = 64 // a BSDH plus the largest extended header (36 bytes)
@@ -80,6 +81,13 @@ type Config struct {
 	RecvBufSize int
 	// SendBufs bounds data messages in flight per connection.
 	SendBufs int
+	// BufferSets bounds the registered buffer sets (a connection's receive,
+	// send and control buffers) that the stack keeps from released
+	// connections for new ones, so set-up skips allocating and registering
+	// them; idle memory is at most BufferSets × (RecvBufs + SendBufs) ×
+	// RecvBufSize. Connections beyond the pool allocate their own. Zero
+	// means DefaultBufferSets; a negative value keeps none.
+	BufferSets int
 	// RNRRetry is the queue pairs' RNR retry count: 0 (the default, what
 	// the last shipped SDP used) turns any credit accounting error into a
 	// reset instead of a stall.
@@ -123,6 +131,14 @@ func (c *Config) defaults() error {
 		c.Clock = realClock{}
 	}
 	switch {
+	case c.BufferSets == 0:
+		c.BufferSets = DefaultBufferSets
+	case c.BufferSets < 0:
+		c.BufferSets = 0
+	}
+	switch {
+	case c.BufferSets > maxBufs:
+		return fmt.Errorf("sdp: BufferSets %d above %d", c.BufferSets, maxBufs)
 	case c.RecvBufs < minRecvBufs || c.RecvBufs > maxBufs:
 		return fmt.Errorf("sdp: RecvBufs %d outside %d..%d", c.RecvBufs, minRecvBufs, maxBufs)
 	case c.SendBufs < 1 || c.SendBufs > maxBufs:

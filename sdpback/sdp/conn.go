@@ -111,14 +111,9 @@ type Conn struct {
 	local  netip.AddrPort
 	remote netip.AddrPort
 
-	rxDMA  *verbs.DMA
-	rxMR   verbs.MR
+	set    *bufSet // registered buffers; nil once released (back to the stack)
 	rxSize int
-	txDMA  *verbs.DMA
-	txMR   verbs.MR
 	txSize int // bytes per data slot: the peer's receive size, capped by ours
-	ctlDMA *verbs.DMA
-	ctlMR  verbs.MR
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -200,17 +195,17 @@ func (c *Conn) State() string {
 }
 
 func (c *Conn) rxBuf(slot int) []byte {
-	b := c.rxDMA.Bytes()
+	b := c.set.rx.Bytes()
 	return b[slot*c.rxSize : (slot+1)*c.rxSize]
 }
 
 func (c *Conn) txBuf(slot int) []byte {
-	b := c.txDMA.Bytes()
+	b := c.set.tx.Bytes()
 	return b[slot*c.txSize : (slot+1)*c.txSize]
 }
 
 func (c *Conn) ctlBuf(slot int) []byte {
-	b := c.ctlDMA.Bytes()
+	b := c.set.ctl.Bytes()
 	return b[slot*ctlSlotSize : (slot+1)*ctlSlotSize]
 }
 
@@ -222,7 +217,7 @@ func (c *Conn) postRecvs(slots ...int) error {
 	wrs := make([]verbs.RecvWR, len(slots))
 	for i, s := range slots {
 		wrs[i] = verbs.RecvWR{ID: wrRecv | uint64(s), SGL: []verbs.SGE{{
-			Addr: c.rxMR.Addr() + uint64(s*c.rxSize), Length: uint32(c.rxSize), LKey: c.rxMR.LKey(),
+			Addr: c.set.rxMR.Addr() + uint64(s*c.rxSize), Length: uint32(c.rxSize), LKey: c.set.rxMR.LKey(),
 		}}}
 	}
 	if err := c.qp.PostRecv(wrs); err != nil {
@@ -622,7 +617,7 @@ func (c *Conn) build(m *txMsg) verbs.SendWR {
 			panic(fmt.Sprintf("sdp: building %v: %v", m.mid, err)) // our own message: a bug, not input
 		}
 		wr = verbs.SendWR{ID: wrCtl | uint64(m.slot), Op: verbs.OpSend, Flags: verbs.SendSignaled,
-			SGL: append([]verbs.SGE{{Addr: c.ctlMR.Addr() + uint64(m.slot*ctlSlotSize), Length: uint32(hl), LKey: c.ctlMR.LKey()}}, m.sgl...)}
+			SGL: append([]verbs.SGE{{Addr: c.set.ctlMR.Addr() + uint64(m.slot*ctlSlotSize), Length: uint32(hl), LKey: c.set.ctlMR.LKey()}}, m.sgl...)}
 		if m.done != nil {
 			c.gathers[m.slot] = m.done
 		}
@@ -631,8 +626,9 @@ func (c *Conn) build(m *txMsg) verbs.SendWR {
 		if _, err := wm.PutHeader(buf, m.n); err != nil {
 			panic(fmt.Sprintf("sdp: building data: %v", err))
 		}
+		c.set.txHi = max(c.set.txHi, m.slot*c.txSize+wire.BSDHSize+m.n)
 		wr = verbs.SendWR{ID: wrData | uint64(m.slot), Op: verbs.OpSend, Flags: verbs.SendSignaled,
-			SGL: []verbs.SGE{{Addr: c.txMR.Addr() + uint64(m.slot*c.txSize), Length: uint32(wire.BSDHSize + m.n), LKey: c.txMR.LKey()}}}
+			SGL: []verbs.SGE{{Addr: c.set.txMR.Addr() + uint64(m.slot*c.txSize), Length: uint32(wire.BSDHSize + m.n), LKey: c.set.txMR.LKey()}}}
 	}
 	if m.n > 0 {
 		c.unacked, c.unackedMseq = true, c.nextMseq
@@ -711,6 +707,8 @@ func (c *Conn) release() {
 	c.cm.Disconnect()
 	c.mu.Lock()
 	c.released = true
+	set := c.set
+	c.set = nil // nothing may touch the buffers once they are back with the stack
 	gathers := c.gathers
 	c.gathers = map[int]func(error){}
 	if c.state != stReset && c.err == nil {
@@ -720,12 +718,11 @@ func (c *Conn) release() {
 	for _, f := range gathers {
 		f(net.ErrClosed)
 	}
-	closeAll(c.qp, c.cm, c.cq, c.rxMR, c.txMR, c.ctlMR)
-	for _, d := range []*verbs.DMA{c.rxDMA, c.txDMA, c.ctlDMA} {
-		if d != nil {
-			d.Close()
-		}
-	}
+	// Destroying the queue pair ends every device access to the buffers:
+	// only then may another connection have them.
+	qpGone := c.qp.Close() == nil
+	closeAll(c.cm, c.cq)
+	c.s.putSet(set, qpGone)
 	c.s.forget(c)
 	close(c.done)
 	c.mu.Lock()
@@ -912,6 +909,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 		}
 		k := copy(c.txBuf(c.open)[wire.BSDHSize+c.openN:], p)
 		c.openN += k
+		c.set.txHi = max(c.set.txHi, c.open*c.txSize+wire.BSDHSize+c.openN)
 		p = p[k:]
 		written += k
 		c.stats.CopiedBytes += uint64(k)

@@ -23,6 +23,18 @@
 // zero-length RDMA WRITE. A peer's Read-ZCopy offer (SrcAvail) is answered
 // with SendSM so it falls back to BCopy, and its inline bytes are kept.
 //
+// Buffer sets. A connection's receive, send and control buffers (about
+// 1 MiB with the defaults) are one registered set (pool.go). Allocating
+// and registering it was half of a dial on rxe in a TCG guest, so the stack
+// keeps up to Config.BufferSets sets of released connections registered,
+// on its PD, and hands them to new connections; beyond that, connections
+// allocate their own and free them. A set goes back only after its queue
+// pair was destroyed (no device access can be in flight) and after it was
+// zeroed (the receive and control buffers whole, the send buffers up to
+// what the engine wrote), and never from a connection that failed during
+// set-up. Stack.Close frees the idle sets. No set is registered for remote
+// access.
+//
 // # Errors
 //
 // At the net.Conn edge: *net.OpError wrapping ECONNREFUSED, ENETUNREACH,
@@ -42,7 +54,9 @@
 // unnoticed: RNR retry defaults to 0, so a send without a posted receive
 // fails and resets. Memory is bounded per connection: RecvBufs receive
 // buffers, SendBufs send buffers and a fixed number of control slots; the
-// listener's backlog bounds pending connections. Nothing a peer sends can
+// listener's backlog bounds pending connections, BufferSets the idle
+// registered memory. A reused buffer set is zeroed first: one connection's
+// data is never visible to the next. Nothing a peer sends can
 // make the engine touch memory other than its own buffers and the memory
 // a caller registered and named in SendGather.
 //
@@ -53,5 +67,7 @@
 // and one that waits for CM events. Neither holds the mutex while blocked.
 // Readers and writers wait on a broadcast channel replaced on every state
 // change. Callbacks (SetCallbacks) and SendGather completions run without
-// the mutex held. Lock order: Stack.mu is never held while taking Conn.mu.
+// the mutex held. Stack.mu also guards the idle buffer sets; a set is
+// zeroed and freed outside it. Lock order: Stack.mu is never held while
+// taking Conn.mu.
 package sdp

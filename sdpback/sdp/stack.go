@@ -24,6 +24,18 @@ type Stack struct {
 	nextPort  uint16
 	closed    bool
 	done      ConnStats // counters of released connections
+	idle      []*bufSet // registered buffer sets kept for new connections (pool.go)
+	reused    uint64    // sets handed out from idle
+
+	// trace, when set (by tests, before any Dial or Listen), is told each
+	// connection set-up phase as it ends.
+	trace func(phase string)
+}
+
+func (s *Stack) mark(phase string) {
+	if s.trace != nil {
+		s.trace(phase)
+	}
 }
 
 // Stats sums the counters of every connection the stack has had.
@@ -112,6 +124,13 @@ func (s *Stack) Close() error {
 		c.Abort()
 		<-c.Done()
 	}
+	s.mu.Lock()
+	idle := s.idle
+	s.idle = nil
+	s.mu.Unlock()
+	for _, b := range idle {
+		b.close()
+	}
 	return s.pd.Close()
 }
 
@@ -133,43 +152,39 @@ func (s *Stack) hello(bufs int, src, dst netip.AddrPort) wire.Hello {
 	}
 }
 
-// newConn allocates a connection's buffers (not yet its queue pair).
+// newConn takes a connection's buffers and creates its CQ (not yet its
+// queue pair).
 func (s *Stack) newConn(cm verbs.Conn, local, remote netip.AddrPort) (*Conn, error) {
 	cfg := &s.cfg
 	c := &Conn{s: s, cm: cm, local: local, remote: remote, rxSize: cfg.RecvBufSize, open: -1, finSlot: -1,
 		nextMseq: 1, gathers: map[int]func(error){}, wake: make(chan struct{}), done: make(chan struct{})}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	var err error
-	fail := func(e error) (*Conn, error) {
-		closeAll(c.cq, c.rxMR, c.ctlMR)
-		for _, d := range []*verbs.DMA{c.rxDMA, c.ctlDMA} {
-			if d != nil {
-				d.Close()
-			}
-		}
+	if c.set, err = s.getSet(); err != nil {
 		c.cancel()
-		return nil, e
+		return nil, err
 	}
-	if c.rxDMA, err = verbs.AllocDMA(cfg.RecvBufs * cfg.RecvBufSize); err != nil {
-		return fail(err)
-	}
-	if c.rxMR, err = s.pd.RegMR(c.rxDMA.Bytes(), verbs.AccessLocalWrite); err != nil {
-		return fail(err)
-	}
+	s.mark("buffers")
 	nctl := cfg.SendBufs + ctlSlots
-	if c.ctlDMA, err = verbs.AllocDMA(nctl * ctlSlotSize); err != nil {
-		return fail(err)
-	}
-	if c.ctlMR, err = s.pd.RegMR(c.ctlDMA.Bytes(), 0); err != nil {
-		return fail(err)
-	}
 	for i := nctl - 1; i >= 0; i-- {
 		c.freeCtl = append(c.freeCtl, i)
 	}
 	if c.cq, err = cfg.Device.CreateCQ(verbs.CQOptions{Entries: cfg.RecvBufs + nctl + cfg.SendBufs + 4}); err != nil {
-		return fail(err)
+		s.putSet(c.set, true) // no queue pair ever used it
+		c.cancel()
+		return nil, err
 	}
+	s.mark("cq")
 	return c, nil
+}
+
+// abandon frees what a connection that failed during set-up holds. Its
+// buffers are not kept: the peer may have written into them.
+func (c *Conn) abandon() {
+	closeAll(c.qp, c.cm, c.cq)
+	c.s.putSet(c.set, false)
+	c.set = nil
+	c.cancel()
 }
 
 func (s *Stack) qpOptions(c *Conn) verbs.QPOptions {
@@ -193,14 +208,7 @@ func (c *Conn) setPeer(bufs int, rcvSize uint32) error {
 	if size < wire.BSDHSize+1 {
 		return fmt.Errorf("%w: peer receive size %d", ErrProtocol, rcvSize)
 	}
-	c.txSize = size
-	var err error
-	if c.txDMA, err = verbs.AllocDMA(c.s.cfg.SendBufs * size); err != nil {
-		return err
-	}
-	if c.txMR, err = c.s.pd.RegMR(c.txDMA.Bytes(), 0); err != nil {
-		return err
-	}
+	c.txSize = size // the send buffers have room for SendBufs × RecvBufSize
 	for i := c.s.cfg.SendBufs - 1; i >= 0; i-- {
 		c.freeData = append(c.freeData, i)
 	}
@@ -244,11 +252,13 @@ func (s *Stack) dial(ctx context.Context, addr netip.AddrPort) (*Conn, error) {
 		s.nextPort = 32768
 	}
 	s.mu.Unlock()
+	s.mark("dial")
 	svc := s.serviceID(addr.Port())
 	cm, err := s.cfg.Device.Resolve(ctx, verbs.ResolveOptions{Addr: addr.Addr(), ServiceID: svc, Src: s.cfg.Addr})
 	if err != nil {
 		return nil, err
 	}
+	s.mark("resolved")
 	local := netip.AddrPortFrom(s.cfg.Addr, port)
 	if a := cm.LocalAddr(); a.IsValid() {
 		local = netip.AddrPortFrom(a, port)
@@ -259,22 +269,18 @@ func (s *Stack) dial(ctx context.Context, addr netip.AddrPort) (*Conn, error) {
 		return nil, err
 	}
 	fail := func(e error) (*Conn, error) {
-		closeAll(c.qp, cm, c.cq, c.rxMR, c.ctlMR, c.txMR)
-		for _, d := range []*verbs.DMA{c.rxDMA, c.ctlDMA, c.txDMA} {
-			if d != nil {
-				d.Close()
-			}
-		}
-		c.cancel()
+		c.abandon()
 		return nil, e
 	}
 	qp, err := cm.CreateQP(s.pd, s.qpOptions(c))
 	if err != nil {
 		return fail(err)
 	}
+	s.mark("qp")
 	if err := c.prepare(qp); err != nil {
 		return fail(err)
 	}
+	s.mark("posted")
 	h := s.hello(s.cfg.RecvBufs, local, addr)
 	var pd []byte
 	if s.space == PortSpaceTCP {
@@ -289,6 +295,7 @@ func (s *Stack) dial(ctx context.Context, addr netip.AddrPort) (*Conn, error) {
 	if err != nil {
 		return fail(err)
 	}
+	s.mark("connected")
 	ack, err := wire.DecodeHelloAck(rep)
 	if err != nil {
 		return fail(fmt.Errorf("%w: HelloAck: %w", ErrProtocol, err))
@@ -296,10 +303,12 @@ func (s *Stack) dial(ctx context.Context, addr netip.AddrPort) (*Conn, error) {
 	if err := c.setPeer(int(ack.Bufs), ack.ActRcvSz); err != nil {
 		return fail(err)
 	}
+	s.mark("peer")
 	if err := s.register(c); err != nil {
 		return fail(err)
 	}
 	c.start()
+	s.mark("started")
 	return c, nil
 }
 
@@ -372,6 +381,7 @@ func (l *Listener) loop() {
 
 func (l *Listener) handshake(req verbs.Conn) (*Conn, error) {
 	s := l.s
+	s.mark("request")
 	var h wire.Hello
 	var err error
 	if s.space == PortSpaceTCP {
@@ -394,25 +404,22 @@ func (l *Listener) handshake(req verbs.Conn) (*Conn, error) {
 	}
 	fail := func(e error) (*Conn, error) {
 		req.Reject(nil)
-		closeAll(c.qp, req, c.cq, c.rxMR, c.ctlMR, c.txMR)
-		for _, d := range []*verbs.DMA{c.rxDMA, c.ctlDMA, c.txDMA} {
-			if d != nil {
-				d.Close()
-			}
-		}
-		c.cancel()
+		c.abandon()
 		return nil, e
 	}
 	if err := c.setPeer(int(h.Bufs), h.LocalRcvSz); err != nil {
 		return fail(err)
 	}
+	s.mark("peer")
 	qp, err := req.CreateQP(s.pd, s.qpOptions(c))
 	if err != nil {
 		return fail(err)
 	}
+	s.mark("qp")
 	if err := c.prepare(qp); err != nil {
 		return fail(err)
 	}
+	s.mark("posted")
 	ack := wire.HelloAck{Bufs: uint16(s.cfg.RecvBufs), Version: wire.Version22, MaxAdverts: 1, ActRcvSz: uint32(s.cfg.RecvBufSize)}
 	pd, _ := ack.Append(nil)
 	ctx, cancel := context.WithTimeout(l.ctx, s.cfg.DialTimeout)
@@ -420,10 +427,12 @@ func (l *Listener) handshake(req verbs.Conn) (*Conn, error) {
 	if err := req.Accept(ctx, verbs.ConnParam{PrivateData: pd, RNRRetry: s.cfg.RNRRetry, RetryCount: 7}); err != nil {
 		return fail(err)
 	}
+	s.mark("established")
 	if err := s.register(c); err != nil {
 		return fail(err)
 	}
 	c.start()
+	s.mark("started")
 	return c, nil
 }
 
