@@ -209,19 +209,9 @@ func TestControlAddRemove(t *testing.T) {
 		t.Fatalf("second remove: exit %d (%v)\n%s", code, err, out)
 	}
 
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	select {
-	case err := <-exited:
-		waited = true
-		if err != nil {
-			t.Fatalf("vsdpd exit: %v", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("vsdpd did not exit on SIGTERM")
+	waited = true
+	if err := stopVsdpd(cmd, 10*time.Second); err != nil {
+		t.Fatalf("vsdpd on SIGTERM: %v", err)
 	}
 	if !gone(pidA) {
 		t.Errorf("worker %d still running after the supervisor exited", pidA)

@@ -38,20 +38,8 @@ func TestVMWorkerMode(t *testing.T) {
 	worker := 0
 	// Registered before the VM's cleanup, so it runs after QEMU is gone.
 	t.Cleanup(func() {
-		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-			t.Error(err)
-		}
-		exited := make(chan error, 1)
-		go func() { exited <- cmd.Wait() }()
-		select {
-		case err := <-exited:
-			if err != nil {
-				t.Errorf("vsdpd exit on SIGTERM: %v", err)
-			}
-		case <-time.After(15 * time.Second):
-			cmd.Process.Kill()
-			<-exited
-			t.Error("vsdpd did not exit on SIGTERM")
+		if err := stopVsdpd(cmd, 15*time.Second); err != nil {
+			t.Errorf("vsdpd on SIGTERM: %v", err)
 		}
 		if worker != 0 && !gone(worker) {
 			syscall.Kill(worker, syscall.SIGKILL)

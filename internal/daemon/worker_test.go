@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -66,6 +67,24 @@ func startVsdpd(t *testing.T, bin, dir string, cfg daemon.Config, args ...string
 		t.Fatal(err)
 	}
 	return cmd, logf.Name()
+}
+
+// stopVsdpd sends the vsdpd command SIGTERM and waits up to d for it to
+// exit, killing it if it does not; it returns how it exited.
+func stopVsdpd(cmd *exec.Cmd, d time.Duration) error {
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		return err
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	select {
+	case err := <-exited:
+		return err
+	case <-time.After(d):
+		cmd.Process.Kill()
+		<-exited
+		return fmt.Errorf("vsdpd did not exit within %v of SIGTERM", d)
+	}
 }
 
 // simGuest is a simulated guest on one VM socket (fake front-end + vsock
@@ -234,19 +253,9 @@ func TestWorkerProcesses(t *testing.T) {
 	ga2.fetch(t, 1, "10.60.0.1:8080", sum)
 
 	// SIGTERM stops the supervisor and every worker.
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	select {
-	case err := <-exited:
-		waited = true
-		if err != nil {
-			t.Fatalf("vsdpd exit: %v", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("vsdpd did not exit on SIGTERM")
+	waited = true
+	if err := stopVsdpd(cmd, 10*time.Second); err != nil {
+		t.Fatalf("vsdpd on SIGTERM: %v", err)
 	}
 	for _, pid := range pids {
 		if !gone(pid) {
