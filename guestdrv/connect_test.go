@@ -138,21 +138,7 @@ func TestLocalFallback(t *testing.T) {
 // guest's TCP and `sdp` fails with ENETUNREACH.
 func TestNoDevice(t *testing.T) {
 	needBuild(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+	port := closingListener(t)
 	dir := shortDir(t) // no ctl socket in it
 	for _, c := range []struct{ conf, want, locals string }{
 		{"use both client * *:*\n", "OK", "1"},
@@ -188,9 +174,7 @@ func TestNames(t *testing.T) {
 	for _, tr := range transports {
 		t.Run(tr.String(), func(t *testing.T) {
 			h := newHost(t, tr)
-			h.SetDial(func(d Dial) Plan {
-				return Plan{Kind: PlanTicket, Local: netip.MustParseAddrPort("10.9.0.2:41234")}
-			})
+			h.SetDial(ticketFrom("10.9.0.2:41234"))
 			conf := writeConf(t, confAllDevice)
 			r := runProg(t, h, conf, "connect", "10.1.0.7", "5000", "block")
 			r.want(t, "sockname", "10.9.0.2:41234")
@@ -200,9 +184,7 @@ func TestNames(t *testing.T) {
 			r.want(t, "sockname", "[::ffff:10.9.0.2]:41234")
 			r.want(t, "peername", "[::ffff:10.1.0.7]:5001")
 			r.want(t, "domain", "AF_INET6")
-			h.SetDial(func(d Dial) Plan {
-				return Plan{Kind: PlanTicket, Local: netip.MustParseAddrPort("[fd00::2]:41235")}
-			})
+			h.SetDial(ticketFrom("[fd00::2]:41235"))
 			r = runProg(t, h, conf, "connect", "fd00::7", "5002", "block")
 			r.want(t, "sockname", "[fd00::2]:41235")
 			r.want(t, "peername", "[fd00::7]:5002")
@@ -216,15 +198,7 @@ func TestEcho(t *testing.T) {
 	for _, tr := range transports {
 		t.Run(tr.String(), func(t *testing.T) {
 			h := newHost(t, tr)
-			sums := make(chan [32]byte, 1)
-			h.SetDial(func(d Dial) Plan {
-				return Plan{Kind: PlanTicket, Serve: func(s *Stream) {
-					b, _ := io.ReadAll(s)
-					sums <- sha256Sum(b)
-					s.Write(b)
-					s.Close()
-				}}
-			})
+			sums := serveEcho(h)
 			in, sum := randomFile(t, 3<<20, 2)
 			out := in + ".out"
 			r := runProg(t, h, writeConf(t, confAllDevice), "echo", "10.1.0.7", "9", in, out)

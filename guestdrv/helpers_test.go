@@ -2,22 +2,24 @@ package guestdrv
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vsdp/vsdp/guestdrv/internal/leakcheck"
 )
 
 // Built once per test binary (TestMain): the library, the checker, the C
@@ -152,7 +154,7 @@ var transports = []Transport{Unix, TCP}
 func newHost(t *testing.T, tr Transport) *FakeHost {
 	t.Helper()
 	needBuild(t)
-	leak := takeLeaks()
+	leak := leakcheck.Take()
 	o := HostOptions{Transport: tr}
 	if tr == Unix {
 		o.Dir = shortDir(t)
@@ -168,7 +170,7 @@ func newHost(t *testing.T, tr Transport) *FakeHost {
 		if err := h.Err(); err != nil {
 			t.Errorf("fake host: %v", err)
 		}
-		leak.check(t)
+		leak.Check(t)
 	})
 	return h
 }
@@ -409,56 +411,46 @@ func short(s [32]byte) string { return hex.EncodeToString(s[:6]) }
 
 func sha256Sum(b []byte) [32]byte { return sha256.Sum256(b) }
 
-// ---- leak checks ----
-
-type leakSnap struct {
-	goroutines int
-	fds        map[string]int
-}
-
-func takeLeaks() leakSnap {
-	if r, w, err := os.Pipe(); err == nil { // starts the netpoller
-		r.Close()
-		w.Close()
-	}
-	return leakSnap{goroutines: runtime.NumGoroutine(), fds: openFDs()}
-}
-
-func openFDs() map[string]int {
-	out := map[string]int{}
-	ents, _ := os.ReadDir("/proc/self/fd")
-	for _, e := range ents {
-		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil {
-			out[target]++
-		}
-	}
-	return out
-}
-
-func (s leakSnap) check(t *testing.T) {
+// closingListener listens on loopback TCP, closes every connection it
+// accepts, and returns its port. It is closed when the test ends.
+func closingListener(t *testing.T) string {
 	t.Helper()
-	var extra []string
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		now := openFDs()
-		extra = extra[:0]
-		for k, n := range now {
-			if n > s.fds[k] {
-				extra = append(extra, fmt.Sprintf("%s x%d", k, n-s.fds[k]))
-			}
-		}
-		g := runtime.NumGoroutine()
-		if len(extra) == 0 && g <= s.goroutines {
-			return
-		}
-		if time.Now().After(deadline) {
-			sort.Strings(extra)
-			buf := make([]byte, 1<<16)
-			buf = buf[:runtime.Stack(buf, true)]
-			t.Errorf("leak: %d goroutines (was %d), new fds %v\n%s", g, s.goroutines, extra,
-				bytes.TrimSpace(buf))
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
 	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+}
+
+// serveEcho makes h answer every dial with a ticket whose stream is read
+// to EOF, hashed and sent back, then closed. The hashes come on the
+// returned channel (buffered for one).
+func serveEcho(h *FakeHost) <-chan [32]byte {
+	sums := make(chan [32]byte, 1)
+	h.SetDial(func(d Dial) Plan {
+		return Plan{Kind: PlanTicket, Serve: func(s *Stream) {
+			b, _ := io.ReadAll(s)
+			sums <- sha256Sum(b)
+			s.Write(b)
+			s.Close()
+		}}
+	})
+	return sums
+}
+
+// ticketFrom returns a dial policy that grants every dial a ticket with
+// the local address local.
+func ticketFrom(local string) func(Dial) Plan {
+	a := netip.MustParseAddrPort(local)
+	return func(Dial) Plan { return Plan{Kind: PlanTicket, Local: a} }
 }

@@ -3,7 +3,6 @@ package guestdrv
 import (
 	"net"
 	"path/filepath"
-	"strconv"
 	"testing"
 	"time"
 
@@ -55,21 +54,7 @@ func hello(c net.Conn, r *ctl.Reader) bool {
 // in bounded time, and the program neither crashes nor hangs.
 func TestHostMisbehaves(t *testing.T) {
 	needBuild(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+	port := closingListener(t)
 	cases := []struct {
 		name   string
 		script func(c net.Conn, r *ctl.Reader)

@@ -27,15 +27,7 @@ func TestSocatClient(t *testing.T) {
 	for _, tr := range transports {
 		t.Run(tr.String(), func(t *testing.T) {
 			h := newHost(t, tr)
-			sums := make(chan [32]byte, 1)
-			h.SetDial(func(d Dial) Plan {
-				return Plan{Kind: PlanTicket, Serve: func(s *Stream) {
-					b, _ := io.ReadAll(s)
-					sums <- sha256Sum(b)
-					s.Write(b)
-					s.Close()
-				}}
-			})
+			sums := serveEcho(h)
 			in, sum := randomFile(t, 2<<20, 5)
 			f, err := os.Open(in)
 			if err != nil {

@@ -371,9 +371,7 @@ func TestDup(t *testing.T) {
 	for _, tr := range transports {
 		t.Run(tr.String(), func(t *testing.T) {
 			h := newHost(t, tr)
-			h.SetDial(func(d Dial) Plan {
-				return Plan{Kind: PlanTicket, Local: netip.MustParseAddrPort("10.9.0.2:41000")}
-			})
+			h.SetDial(ticketFrom("10.9.0.2:41000"))
 			r := runProg(t, h, writeConf(t, confAllDevice), "dup", "10.1.0.7", "5000")
 			r.want(t, "d.peername", "10.1.0.7:5000")
 			r.want(t, "d.sockname", "10.9.0.2:41000")
@@ -390,9 +388,7 @@ func TestExecAdopt(t *testing.T) {
 	for _, tr := range transports {
 		t.Run(tr.String(), func(t *testing.T) {
 			h := newHost(t, tr)
-			h.SetDial(func(d Dial) Plan {
-				return Plan{Kind: PlanTicket, Local: netip.MustParseAddrPort("10.9.0.2:41000")}
-			})
+			h.SetDial(ticketFrom("10.9.0.2:41000"))
 			r := runProg(t, h, writeConf(t, confAllDevice), "exec", "10.1.0.7", "5000")
 			r.want(t, "a.peername", "10.1.0.7:5000")
 			r.want(t, "a.sockname", "10.9.0.2:41000")

@@ -14,6 +14,7 @@ import (
 	"github.com/vsdp/vsdp/images"
 	"github.com/vsdp/vsdp/vhost"
 	"github.com/vsdp/vsdp/vhost/vsock"
+	"github.com/vsdp/vsdp/vhost/vsock/vsocktest"
 )
 
 // Test vsock service: host port 7 echoes, every other port is refused.
@@ -54,7 +55,7 @@ func (b *echoBackend) Connect(r *vsock.Request) {
 type echoStream struct {
 	mu      sync.Mutex
 	conn    *vsock.Conn
-	pending []byte
+	pending vsocktest.Queue
 	echoed  int
 	eof     bool
 	err     error
@@ -62,9 +63,7 @@ type echoStream struct {
 
 func (s *echoStream) Deliver(p *vsock.Payload) {
 	s.mu.Lock()
-	for _, seg := range p.Segs {
-		s.pending = append(s.pending, seg...)
-	}
+	s.pending.Append(p.Segs...)
 	c := s.conn
 	s.mu.Unlock()
 	p.Release()
@@ -74,14 +73,9 @@ func (s *echoStream) Deliver(p *vsock.Payload) {
 func (s *echoStream) Pull(dst [][]byte) (int, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	n := 0
-	for _, d := range dst {
-		k := copy(d, s.pending)
-		s.pending = s.pending[k:]
-		n += k
-	}
+	n := s.pending.Fill(dst)
 	s.echoed += n
-	return n, s.eof && len(s.pending) == 0
+	return n, s.eof && s.pending.Len() == 0
 }
 
 func (s *echoStream) Shutdown(rcv, send, abortive bool) {

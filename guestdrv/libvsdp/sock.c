@@ -492,23 +492,45 @@ static int dial_ticket(int fd, uint32_t port, uint32_t timeout)
 	return finish_connect(fd, port, r, e);
 }
 
+/* deferred_bind tells whether fd's bind() waits for the rules' verdict
+ * and, if it does, copies the address into *bound. */
+static int deferred_bind(int fd, struct vsdp_ctl_addr *bound)
+{
+	int deferred = 0;
+	sigset_t old;
+	struct vsock *s;
+
+	tab_lock(&old);
+	s = tab_get(fd);
+	if (s != NULL) {
+		deferred = s->bind_deferred;
+		*bound = s->bound;
+	}
+	tab_unlock(&old);
+	return deferred;
+}
+
+/* bind_real makes a deferred bind to bound on the kernel's socket fd. */
+static int bind_real(int fd, int family, const struct vsdp_ctl_addr *bound)
+{
+	struct sockaddr_storage ss;
+	socklen_t bl = sizeof(ss);
+
+	if (fill_sockaddr(family, bound, (struct sockaddr *)&ss, &bl) < 0 ||
+	    vsdp_real.bind(fd, (struct sockaddr *)&ss, bl) < 0)
+		return -1;
+	return 0;
+}
+
 /* go_local connects the program's own TCP socket (after putting one back
  * if a device socket took its place) and forgets the descriptor. */
 static int go_local(int fd, int family, const struct sockaddr *sa, socklen_t len)
 {
 	struct vsdp_ctl_addr bound;
-	int deferred = 0;
-	sigset_t old;
-	struct vsock *s;
+	int deferred;
 
 	VSDP_COUNT(locals);
-	tab_lock(&old);
-	s = tab_get(fd);
-	if (s != NULL) {
-		deferred = s->bind_deferred;
-		bound = s->bound;
-	}
-	tab_unlock(&old);
+	deferred = deferred_bind(fd, &bound);
 	if (tab_kind(fd) == FD_CONN) {
 		int nfd = vsdp_real.socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
 
@@ -517,14 +539,8 @@ static int go_local(int fd, int family, const struct sockaddr *sa, socklen_t len
 		rereg_epoll(fd);
 	}
 	untrack(fd);
-	if (deferred) {
-		struct sockaddr_storage ss;
-		socklen_t bl = sizeof(ss);
-
-		if (fill_sockaddr(family, &bound, (struct sockaddr *)&ss, &bl) < 0 ||
-		    vsdp_real.bind(fd, (struct sockaddr *)&ss, bl) < 0)
-			return -1;
-	}
+	if (deferred && bind_real(fd, family, &bound) < 0)
+		return -1;
 	return vsdp_real.connect(fd, sa, len);
 }
 
@@ -654,27 +670,13 @@ VSDP_EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len)
 static int listen_local(int fd, int family, int backlog)
 {
 	struct vsdp_ctl_addr bound;
-	int deferred = 0;
-	sigset_t old;
-	struct vsock *s;
+	int deferred;
 
 	VSDP_COUNT(locals);
-	tab_lock(&old);
-	s = tab_get(fd);
-	if (s != NULL) {
-		deferred = s->bind_deferred;
-		bound = s->bound;
-	}
-	tab_unlock(&old);
+	deferred = deferred_bind(fd, &bound);
 	untrack(fd);
-	if (deferred) {
-		struct sockaddr_storage ss;
-		socklen_t bl = sizeof(ss);
-
-		if (fill_sockaddr(family, &bound, (struct sockaddr *)&ss, &bl) < 0 ||
-		    vsdp_real.bind(fd, (struct sockaddr *)&ss, bl) < 0)
-			return -1;
-	}
+	if (deferred && bind_real(fd, family, &bound) < 0)
+		return -1;
 	return vsdp_real.listen(fd, backlog);
 }
 

@@ -12,8 +12,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
-	"sort"
 	"syscall"
 	"testing"
 	"time"
@@ -22,6 +20,7 @@ import (
 
 	"github.com/vsdp/vsdp/guestdrv"
 	"github.com/vsdp/vsdp/guestdrv/ctl"
+	"github.com/vsdp/vsdp/guestdrv/internal/leakcheck"
 	"github.com/vsdp/vsdp/guestdrv/vsdpnet"
 )
 
@@ -31,7 +30,7 @@ var transports = []guestdrv.Transport{guestdrv.Unix, guestdrv.TCP}
 // neither left goroutines or descriptors behind.
 func setup(t *testing.T, tr guestdrv.Transport) (*guestdrv.FakeHost, *vsdpnet.Client) {
 	t.Helper()
-	leak := takeLeaks()
+	leak := leakcheck.Take()
 	o := guestdrv.HostOptions{Transport: tr}
 	if tr == guestdrv.Unix {
 		d, err := os.MkdirTemp("", "vsdp")
@@ -65,7 +64,7 @@ func setup(t *testing.T, tr guestdrv.Transport) (*guestdrv.FakeHost, *vsdpnet.Cl
 		if err := h.Err(); err != nil {
 			t.Errorf("fake host: %v", err)
 		}
-		leak.check(t)
+		leak.Check(t)
 	})
 	return h, c
 }
@@ -204,8 +203,8 @@ func TestDialLocal(t *testing.T) {
 // TestNoDevice: without a control service, ErrNoDevice, or the guest's TCP
 // with Fallback.
 func TestNoDevice(t *testing.T) {
-	leak := takeLeaks()
-	defer leak.check(t)
+	leak := leakcheck.Take()
+	defer leak.Check(t)
 	dir := t.TempDir()
 	cl := vsdpnet.New(vsdpnet.Options{NoEnv: true, UnixDir: dir, Timeout: time.Second})
 	defer cl.Close()
@@ -433,8 +432,8 @@ func TestSetOpt(t *testing.T) {
 // TestHostBreaksProtocol: garbage from the host is ErrProtocol, and the
 // client recovers once the host behaves.
 func TestHostBreaksProtocol(t *testing.T) {
-	leak := takeLeaks()
-	defer leak.check(t)
+	leak := leakcheck.Take()
+	defer leak.Check(t)
 	dir := t.TempDir()
 	ln, err := net.Listen("unix", filepath.Join(dir, "ctl"))
 	if err != nil {
@@ -521,55 +520,5 @@ func TestConn(t *testing.T) {
 				return c1, c2, func() { c1.Close(); c2.Close() }, nil
 			})
 		})
-	}
-}
-
-// ---- leak checks ----
-
-type leakSnap struct {
-	goroutines int
-	fds        map[string]int
-}
-
-func takeLeaks() leakSnap {
-	if r, w, err := os.Pipe(); err == nil {
-		r.Close()
-		w.Close()
-	}
-	return leakSnap{goroutines: runtime.NumGoroutine(), fds: openFDs()}
-}
-
-func openFDs() map[string]int {
-	out := map[string]int{}
-	ents, _ := os.ReadDir("/proc/self/fd")
-	for _, e := range ents {
-		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil {
-			out[target]++
-		}
-	}
-	return out
-}
-
-func (s leakSnap) check(t *testing.T) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		var extra []string
-		for k, n := range openFDs() {
-			if n > s.fds[k] {
-				extra = append(extra, fmt.Sprintf("%s x%d", k, n-s.fds[k]))
-			}
-		}
-		g := runtime.NumGoroutine()
-		if len(extra) == 0 && g <= s.goroutines {
-			return
-		}
-		if time.Now().After(deadline) {
-			sort.Strings(extra)
-			buf := make([]byte, 1<<16)
-			t.Errorf("leak: %d goroutines (was %d), new fds %v\n%s", g, s.goroutines, extra, buf[:runtime.Stack(buf, true)])
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }

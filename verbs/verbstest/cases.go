@@ -45,13 +45,9 @@ func nothingPassive(context.Context, *Peer) error { return nil }
 // idlePassive accepts one connection with a few receives posted and waits
 // for the active side to disconnect.
 func idlePassive(ctx context.Context, p *Peer) (err error) {
-	ln, err := p.listen()
+	ln, e, err := p.serve(verbs.QPOptions{})
 	if err != nil {
 		return err
-	}
-	e, err := newEndpoint(p.Dev, verbs.QPOptions{})
-	if err != nil {
-		return closeAll(err, ln)
 	}
 	defer func() { err = closeAll(err, ln, e) }()
 	m, err := newMsgBox(e)
@@ -189,13 +185,9 @@ const (
 )
 
 func sendRecvPassive(ctx context.Context, p *Peer) (err error) {
-	ln, err := p.listen()
+	ln, e, err := p.serve(verbs.QPOptions{MaxRecvWR: 16})
 	if err != nil {
 		return err
-	}
-	e, err := newEndpoint(p.Dev, verbs.QPOptions{MaxRecvWR: 16})
-	if err != nil {
-		return closeAll(err, ln)
 	}
 	defer func() { err = closeAll(err, ln, e) }()
 	r, err := e.region(len(sendSizes)*recvLen, verbs.AccessLocalWrite)
@@ -304,11 +296,7 @@ func sendRecvActive(ctx context.Context, p *Peer) (err error) {
 	for _, b := range inlined {
 		clear(b)
 	}
-	got, err := collect(ctx, e.scq, len(want))
-	if err != nil {
-		return err
-	}
-	if err := expect(got, want...); err != nil {
+	if _, err := expectOn(ctx, e.scq, want...); err != nil {
 		return err
 	}
 	if err := quiet(e.scq, 20*time.Millisecond); err != nil {
@@ -330,13 +318,9 @@ func sendRecvActive(ctx context.Context, p *Peer) (err error) {
 const writeRegion = 256 << 10
 
 func writePassive(ctx context.Context, p *Peer) (err error) {
-	ln, err := p.listen()
+	ln, e, err := p.serve(verbs.QPOptions{})
 	if err != nil {
 		return err
-	}
-	e, err := newEndpoint(p.Dev, verbs.QPOptions{})
-	if err != nil {
-		return closeAll(err, ln)
 	}
 	defer func() { err = closeAll(err, ln, e) }()
 	r, err := e.region(writeRegion, verbs.AccessLocalWrite|verbs.AccessRemoteWrite)
@@ -353,11 +337,8 @@ func writePassive(ctx context.Context, p *Peer) (err error) {
 	if _, err := acceptWith(ctx, ln, e, describe(r, 0, writeRegion).bytes(), post); err != nil {
 		return err
 	}
-	got, err := collect(ctx, e.rcq, 2)
+	got, err := expectOn(ctx, e.rcq, wc(1, verbs.StatusSuccess, verbs.CompRecvWriteImm), wc(2, verbs.StatusSuccess, verbs.CompRecv))
 	if err != nil {
-		return err
-	}
-	if err := expect(got, wc(1, verbs.StatusSuccess, verbs.CompRecvWriteImm), wc(2, verbs.StatusSuccess, verbs.CompRecv)); err != nil {
 		return err
 	}
 	if got[0].Flags&verbs.WithImm == 0 || got[0].Imm != 0xfeedbeef || got[0].ByteLen != 4096 {
@@ -392,11 +373,7 @@ func writeActive(ctx context.Context, p *Peer) (err error) {
 	if err != nil {
 		return err
 	}
-	rep, err := p.connect(ctx, e, verbs.ConnParam{}, nil, true)
-	if err != nil {
-		return err
-	}
-	rd, err := parseDesc(rep)
+	rd, err := p.connectDesc(ctx, e, verbs.ConnParam{}, nil)
 	if err != nil {
 		return err
 	}
@@ -410,14 +387,7 @@ func writeActive(ctx context.Context, p *Peer) (err error) {
 		{ID: 3, Op: verbs.OpWrite, Flags: verbs.SendSignaled},
 		{ID: 4, Op: verbs.OpSend, Flags: verbs.SendSignaled, SGL: []verbs.SGE{m.r.sge(8*msgSize, 4)}},
 	}
-	if err := e.qp.PostSend(wrs); err != nil {
-		return err
-	}
-	got, err := collect(ctx, e.scq, 4)
-	if err != nil {
-		return err
-	}
-	if err := expect(got, wc(1, verbs.StatusSuccess, verbs.CompWrite), wc(2, verbs.StatusSuccess, verbs.CompWrite),
+	if err := postExpect(ctx, e, wrs, wc(1, verbs.StatusSuccess, verbs.CompWrite), wc(2, verbs.StatusSuccess, verbs.CompWrite),
 		wc(3, verbs.StatusSuccess, verbs.CompWrite), wc(4, verbs.StatusSuccess, verbs.CompSend)); err != nil {
 		return err
 	}
@@ -427,13 +397,9 @@ func writeActive(ctx context.Context, p *Peer) (err error) {
 // ---- Read: RDMA READ, zero-length READ ----
 
 func readPassive(ctx context.Context, p *Peer) (err error) {
-	ln, err := p.listen()
+	ln, e, err := p.serve(verbs.QPOptions{})
 	if err != nil {
 		return err
-	}
-	e, err := newEndpoint(p.Dev, verbs.QPOptions{})
-	if err != nil {
-		return closeAll(err, ln)
 	}
 	defer func() { err = closeAll(err, ln, e) }()
 	r, err := e.region(writeRegion, verbs.AccessLocalWrite|verbs.AccessRemoteRead)
@@ -473,11 +439,7 @@ func readActive(ctx context.Context, p *Peer) (err error) {
 	if err != nil {
 		return err
 	}
-	rep, err := p.connect(ctx, e, verbs.ConnParam{}, nil, true)
-	if err != nil {
-		return err
-	}
-	rd, err := parseDesc(rep)
+	rd, err := p.connectDesc(ctx, e, verbs.ConnParam{}, nil)
 	if err != nil {
 		return err
 	}
@@ -486,14 +448,7 @@ func readActive(ctx context.Context, p *Peer) (err error) {
 		{ID: 2, Op: verbs.OpRead, Flags: verbs.SendSignaled},
 		{ID: 3, Op: verbs.OpRead, Flags: verbs.SendSignaled, SGL: []verbs.SGE{r.sge(100000, 4096)}, RemoteAddr: rd.Addr + uint64(rd.Len) - 4096, RKey: rd.RKey},
 	}
-	if err := e.qp.PostSend(wrs); err != nil {
-		return err
-	}
-	got, err := collect(ctx, e.scq, 3)
-	if err != nil {
-		return err
-	}
-	if err := expect(got, wc(1, verbs.StatusSuccess, verbs.CompRead), wc(2, verbs.StatusSuccess, verbs.CompRead), wc(3, verbs.StatusSuccess, verbs.CompRead)); err != nil {
+	if err := postExpect(ctx, e, wrs, wc(1, verbs.StatusSuccess, verbs.CompRead), wc(2, verbs.StatusSuccess, verbs.CompRead), wc(3, verbs.StatusSuccess, verbs.CompRead)); err != nil {
 		return err
 	}
 	src := pattern(3, writeRegion)
@@ -523,13 +478,9 @@ const (
 // past the window's end; (3) this side invalidates it locally and the peer
 // finds it gone.
 func windowPassive(ctx context.Context, p *Peer) (err error) {
-	ln, err := p.listen()
+	ln, owner, err := p.serve(verbs.QPOptions{})
 	if err != nil {
 		return err
-	}
-	owner, err := newEndpoint(p.Dev, verbs.QPOptions{})
-	if err != nil {
-		return closeAll(err, ln)
 	}
 	defer func() { err = closeAll(err, ln, owner) }()
 	r, err := owner.region(winRegion, verbs.AccessLocalWrite|verbs.AccessMWBind)
@@ -588,7 +539,7 @@ func windowRound(ctx context.Context, ln verbs.Listener, owner *endpoint, r *reg
 		return err
 	}
 	if _, err := accept(ctx, ln, e, verbs.ConnParam{}, func(qp verbs.QP) error {
-		return errors.Join(m.postRecv(qp, 0, 1), m.postRecv(qp, 1, 2))
+		return m.postRecvs(qp, 2)
 	}); err != nil {
 		return err
 	}
@@ -596,14 +547,7 @@ func windowRound(ctx context.Context, ln verbs.Listener, owner *endpoint, r *reg
 	bind := verbs.SendWR{ID: 10, Op: verbs.OpBindMW, Flags: verbs.SendSignaled, Bind: verbs.Bind{
 		MW: w, RKey: key, MR: r.mr, Addr: r.mr.Addr() + winOff, Length: winLen, Access: verbs.AccessRemoteRead | verbs.AccessRemoteWrite,
 	}}
-	if err := e.qp.PostSend([]verbs.SendWR{bind}); err != nil {
-		return err
-	}
-	got, err := collect(ctx, e.scq, 1)
-	if err != nil {
-		return err
-	}
-	if err := expect(got, wc(10, verbs.StatusSuccess, verbs.CompBindMW)); err != nil {
+	if err := postExpect(ctx, e, []verbs.SendWR{bind}, wc(10, verbs.StatusSuccess, verbs.CompBindMW)); err != nil {
 		return err
 	}
 	if !w.Bound() || w.RKey() != key {
@@ -614,11 +558,8 @@ func windowRound(ctx context.Context, ln verbs.Listener, owner *endpoint, r *reg
 	}
 	switch round {
 	case 1:
-		got, err := collect(ctx, e.rcq, 1)
+		got, err := expectOn(ctx, e.rcq, wc(1, verbs.StatusSuccess, verbs.CompRecv))
 		if err != nil {
-			return err
-		}
-		if err := expect(got, wc(1, verbs.StatusSuccess, verbs.CompRecv)); err != nil {
 			return err
 		}
 		if got[0].Flags&verbs.WithInv == 0 || got[0].InvalidatedRKey != key {
@@ -631,14 +572,7 @@ func windowRound(ctx context.Context, ln verbs.Listener, owner *endpoint, r *reg
 		if _, err := m.recv(ctx, 0, 1); err != nil {
 			return err
 		}
-		if err := e.qp.PostSend([]verbs.SendWR{{ID: 11, Op: verbs.OpLocalInv, Flags: verbs.SendSignaled, InvRKey: key}}); err != nil {
-			return err
-		}
-		got, err := collect(ctx, e.scq, 1)
-		if err != nil {
-			return err
-		}
-		if err := expect(got, wc(11, verbs.StatusSuccess, verbs.CompLocalInv)); err != nil {
+		if err := postExpect(ctx, e, []verbs.SendWR{{ID: 11, Op: verbs.OpLocalInv, Flags: verbs.SendSignaled, InvRKey: key}}, wc(11, verbs.StatusSuccess, verbs.CompLocalInv)); err != nil {
 			return err
 		}
 		if w.Bound() {
@@ -657,18 +591,14 @@ func windowRound(ctx context.Context, ln verbs.Listener, owner *endpoint, r *reg
 	if hasEvent(evs, verbs.EventDisconnected) {
 		return errors.New("disconnected before the access error")
 	}
-	if s := e.qp.State(); s != verbs.QPError {
-		return fmt.Errorf("QP in %v after a refused access, want ERR", s)
+	if err := wantError(e.qp, "a refused access"); err != nil {
+		return err
 	}
 	flushed := []verbs.Completion{wc(2, verbs.StatusFlushed, 0)}
 	if round != 1 && round != 3 {
 		flushed = append([]verbs.Completion{wc(1, verbs.StatusFlushed, 0)}, flushed...)
 	}
-	got, err = collect(ctx, e.rcq, len(flushed))
-	if err != nil {
-		return err
-	}
-	if err := expect(got, flushed...); err != nil {
+	if _, err := expectOn(ctx, e.rcq, flushed...); err != nil {
 		return err
 	}
 	if round == 2 && !w.Bound() {
@@ -679,12 +609,7 @@ func windowRound(ctx context.Context, ln verbs.Listener, owner *endpoint, r *reg
 }
 
 func windowActive(ctx context.Context, p *Peer) error {
-	for round := 1; round <= 3; round++ {
-		if err := windowActiveRound(ctx, p, round); err != nil {
-			return fmt.Errorf("round %d: %w", round, err)
-		}
-	}
-	return nil
+	return rounds(3, func(round int) error { return windowActiveRound(ctx, p, round) })
 }
 
 func windowActiveRound(ctx context.Context, p *Peer, round int) (err error) {
@@ -714,17 +639,10 @@ func windowActiveRound(ctx context.Context, p *Peer, round int) (err error) {
 	}
 	src := pattern(4, winRegion)
 	read := func(id uint64, addr uint64, n int) error {
-		if err := e.qp.PostSend([]verbs.SendWR{{ID: id, Op: verbs.OpRead, Flags: verbs.SendSignaled, SGL: []verbs.SGE{r.sge(0, n)}, RemoteAddr: addr, RKey: win.RKey}}); err != nil {
-			return err
-		}
-		return nil
+		return e.qp.PostSend([]verbs.SendWR{{ID: id, Op: verbs.OpRead, Flags: verbs.SendSignaled, SGL: []verbs.SGE{r.sge(0, n)}, RemoteAddr: addr, RKey: win.RKey}})
 	}
 	refused := func(id uint64) error {
-		got, err := collect(ctx, e.scq, 1)
-		if err != nil {
-			return err
-		}
-		if err := expect(got, wc(id, verbs.StatusRemoteAccess, 0)); err != nil {
+		if _, err := expectOn(ctx, e.scq, wc(id, verbs.StatusRemoteAccess, 0)); err != nil {
 			return err
 		}
 		return finish(ctx, e)
@@ -746,14 +664,7 @@ func windowActiveRound(ctx context.Context, p *Peer, round int) (err error) {
 			{ID: 2, Op: verbs.OpWrite, Flags: verbs.SendSignaled, SGL: []verbs.SGE{r.sge(0, 100)}, RemoteAddr: win.Addr, RKey: win.RKey},
 			{ID: 3, Op: verbs.OpSendInv, Flags: verbs.SendSignaled, InvRKey: win.RKey},
 		}
-		if err := e.qp.PostSend(wrs); err != nil {
-			return err
-		}
-		got, err = collect(ctx, e.scq, 2)
-		if err != nil {
-			return err
-		}
-		if err := expect(got, wc(2, verbs.StatusSuccess, verbs.CompWrite), wc(3, verbs.StatusSuccess, verbs.CompSend)); err != nil {
+		if err := postExpect(ctx, e, wrs, wc(2, verbs.StatusSuccess, verbs.CompWrite), wc(3, verbs.StatusSuccess, verbs.CompSend)); err != nil {
 			return err
 		}
 		if err := read(4, win.Addr, 16); err != nil {
@@ -770,11 +681,7 @@ func windowActiveRound(ctx context.Context, p *Peer, round int) (err error) {
 		if err := read(1, win.Addr, 8); err != nil {
 			return err
 		}
-		got, err := collect(ctx, e.scq, 1)
-		if err != nil {
-			return err
-		}
-		if err := expect(got, wc(1, verbs.StatusSuccess, verbs.CompRead)); err != nil {
+		if _, err := expectOn(ctx, e.scq, wc(1, verbs.StatusSuccess, verbs.CompRead)); err != nil {
 			return err
 		}
 		if err := m.postRecv(e.qp, 1, 2); err != nil {
@@ -798,13 +705,9 @@ func windowActiveRound(ctx context.Context, p *Peer, round int) (err error) {
 // rnr0Passive accepts without posting receives: the peer's SEND meets an
 // RNR NAK, and nothing happens on this side.
 func rnr0Passive(ctx context.Context, p *Peer) (err error) {
-	ln, err := p.listen()
+	ln, e, err := p.serve(verbs.QPOptions{})
 	if err != nil {
 		return err
-	}
-	e, err := newEndpoint(p.Dev, verbs.QPOptions{})
-	if err != nil {
-		return closeAll(err, ln)
 	}
 	defer func() { err = closeAll(err, ln, e) }()
 	if _, err := accept(ctx, ln, e, verbs.ConnParam{}, nil); err != nil {
@@ -839,18 +742,11 @@ func rnr0Active(ctx context.Context, p *Peer) (err error) {
 		{ID: 1, Op: verbs.OpSend, Flags: verbs.SendSignaled, SGL: []verbs.SGE{r.sge(0, 64)}},
 		{ID: 2, Op: verbs.OpSend, Flags: verbs.SendSignaled, SGL: []verbs.SGE{r.sge(0, 64)}},
 	}
-	if err := e.qp.PostSend(wrs); err != nil {
+	if err := postExpect(ctx, e, wrs, wc(1, verbs.StatusRNRRetryExceeded, 0), wc(2, verbs.StatusFlushed, 0)); err != nil {
 		return err
 	}
-	got, err := collect(ctx, e.scq, 2)
-	if err != nil {
+	if err := wantError(e.qp, "RNR_RETRY_EXC_ERR"); err != nil {
 		return err
-	}
-	if err := expect(got, wc(1, verbs.StatusRNRRetryExceeded, 0), wc(2, verbs.StatusFlushed, 0)); err != nil {
-		return err
-	}
-	if s := e.qp.State(); s != verbs.QPError {
-		return fmt.Errorf("QP in %v after RNR_RETRY_EXC_ERR, want ERR", s)
 	}
 	return finish(ctx, e)
 }
@@ -858,13 +754,9 @@ func rnr0Active(ctx context.Context, p *Peer) (err error) {
 // rnr7Passive posts its receive only after a while: with RNR retry 7 the
 // peer keeps retrying and its SEND lands.
 func rnr7Passive(ctx context.Context, p *Peer) (err error) {
-	ln, err := p.listen()
+	ln, e, err := p.serve(verbs.QPOptions{})
 	if err != nil {
 		return err
-	}
-	e, err := newEndpoint(p.Dev, verbs.QPOptions{})
-	if err != nil {
-		return closeAll(err, ln)
 	}
 	defer func() { err = closeAll(err, ln, e) }()
 	m, err := newMsgBox(e)
@@ -922,13 +814,9 @@ const accessRegion = 4096
 // the refused request.
 func accessPassive(access verbs.Access) func(context.Context, *Peer) error {
 	return func(ctx context.Context, p *Peer) (err error) {
-		ln, err := p.listen()
+		ln, e, err := p.serve(verbs.QPOptions{})
 		if err != nil {
 			return err
-		}
-		e, err := newEndpoint(p.Dev, verbs.QPOptions{})
-		if err != nil {
-			return closeAll(err, ln)
 		}
 		defer func() { err = closeAll(err, ln, e) }()
 		r, err := e.region(accessRegion, access)
@@ -941,7 +829,7 @@ func accessPassive(access verbs.Access) func(context.Context, *Peer) error {
 		if err != nil {
 			return err
 		}
-		post := func(qp verbs.QP) error { return errors.Join(m.postRecv(qp, 0, 1), m.postRecv(qp, 1, 2)) }
+		post := func(qp verbs.QP) error { return m.postRecvs(qp, 2) }
 		if _, err := acceptWith(ctx, ln, e, describe(r, 0, accessRegion).bytes(), post); err != nil {
 			return err
 		}
@@ -952,14 +840,10 @@ func accessPassive(access verbs.Access) func(context.Context, *Peer) error {
 		if hasEvent(evs, verbs.EventDisconnected) {
 			return errors.New("disconnected before the access error event")
 		}
-		if s := e.qp.State(); s != verbs.QPError {
-			return fmt.Errorf("QP in %v after refusing an access, want ERR", s)
-		}
-		got, err := collect(ctx, e.rcq, 2)
-		if err != nil {
+		if err := wantError(e.qp, "refusing an access"); err != nil {
 			return err
 		}
-		if err := expect(got, wc(1, verbs.StatusFlushed, 0), wc(2, verbs.StatusFlushed, 0)); err != nil {
+		if _, err := expectOn(ctx, e.rcq, wc(1, verbs.StatusFlushed, 0), wc(2, verbs.StatusFlushed, 0)); err != nil {
 			return err
 		}
 		if err := sameBytes("region after a refused access", r.b, src); err != nil {
@@ -986,11 +870,7 @@ func accessActive(op verbs.Opcode, past int, badKey bool) func(context.Context, 
 		if err != nil {
 			return err
 		}
-		rep, err := p.connect(ctx, e, verbs.ConnParam{}, nil, true)
-		if err != nil {
-			return err
-		}
-		rd, err := parseDesc(rep)
+		rd, err := p.connectDesc(ctx, e, verbs.ConnParam{}, nil)
 		if err != nil {
 			return err
 		}
@@ -1005,18 +885,11 @@ func accessActive(op verbs.Opcode, past int, badKey bool) func(context.Context, 
 			{ID: 1, Op: op, Flags: verbs.SendSignaled, SGL: []verbs.SGE{r.sge(0, 16)}, RemoteAddr: addr, RKey: key},
 			{ID: 2, Op: verbs.OpWrite, Flags: verbs.SendSignaled},
 		}
-		if err := e.qp.PostSend(wrs); err != nil {
+		if err := postExpect(ctx, e, wrs, wc(1, verbs.StatusRemoteAccess, 0), wc(2, verbs.StatusFlushed, 0)); err != nil {
 			return err
 		}
-		got, err := collect(ctx, e.scq, 2)
-		if err != nil {
+		if err := wantError(e.qp, "REM_ACCESS_ERR"); err != nil {
 			return err
-		}
-		if err := expect(got, wc(1, verbs.StatusRemoteAccess, 0), wc(2, verbs.StatusFlushed, 0)); err != nil {
-			return err
-		}
-		if s := e.qp.State(); s != verbs.QPError {
-			return fmt.Errorf("QP in %v after REM_ACCESS_ERR, want ERR", s)
 		}
 		return finish(ctx, e)
 	}
@@ -1033,12 +906,7 @@ func badLKeyPassive(ctx context.Context, p *Peer) (err error) {
 		return err
 	}
 	defer func() { err = closeAll(err, ln) }()
-	for round := 1; round <= 2; round++ {
-		if err := badLKeyRound(ctx, ln, p); err != nil {
-			return fmt.Errorf("round %d: %w", round, err)
-		}
-	}
-	return nil
+	return rounds(2, func(int) error { return badLKeyRound(ctx, ln, p) })
 }
 
 func badLKeyRound(ctx context.Context, ln verbs.Listener, p *Peer) (err error) {
@@ -1056,7 +924,7 @@ func badLKeyRound(ctx context.Context, ln verbs.Listener, p *Peer) (err error) {
 		return err
 	}
 	if _, err := acceptWith(ctx, ln, e, describe(r, 0, 4096).bytes(), func(qp verbs.QP) error {
-		return errors.Join(m.postRecv(qp, 0, 1), m.postRecv(qp, 1, 2))
+		return m.postRecvs(qp, 2)
 	}); err != nil {
 		return err
 	}
@@ -1064,20 +932,12 @@ func badLKeyRound(ctx context.Context, ln verbs.Listener, p *Peer) (err error) {
 		return err
 	}
 	// Nothing arrived: both receives flush at the disconnect.
-	got, err := collect(ctx, e.rcq, 2)
-	if err != nil {
-		return err
-	}
-	return expect(got, wc(1, verbs.StatusFlushed, 0), wc(2, verbs.StatusFlushed, 0))
+	_, err = expectOn(ctx, e.rcq, wc(1, verbs.StatusFlushed, 0), wc(2, verbs.StatusFlushed, 0))
+	return err
 }
 
 func badLKeyActive(ctx context.Context, p *Peer) error {
-	for round := 1; round <= 2; round++ {
-		if err := badLKeyActiveRound(ctx, p, round); err != nil {
-			return fmt.Errorf("round %d: %w", round, err)
-		}
-	}
-	return nil
+	return rounds(2, func(round int) error { return badLKeyActiveRound(ctx, p, round) })
 }
 
 func badLKeyActiveRound(ctx context.Context, p *Peer, round int) (err error) {
@@ -1094,11 +954,7 @@ func badLKeyActiveRound(ctx context.Context, p *Peer, round int) (err error) {
 	if err != nil {
 		return err
 	}
-	rep, err := p.connect(ctx, e, verbs.ConnParam{}, nil, true)
-	if err != nil {
-		return err
-	}
-	rd, err := parseDesc(rep)
+	rd, err := p.connectDesc(ctx, e, verbs.ConnParam{}, nil)
 	if err != nil {
 		return err
 	}
@@ -1115,18 +971,11 @@ func badLKeyActiveRound(ctx context.Context, p *Peer, round int) (err error) {
 		{ID: 2, Op: verbs.OpSend, Flags: verbs.SendSignaled, SGL: []verbs.SGE{r.sge(4090, 64)}}, // crosses the region's end
 		{ID: 3, Op: verbs.OpSend, Flags: verbs.SendSignaled, SGL: []verbs.SGE{r.sge(0, 64)}},
 	}
-	if err := e.qp.PostSend(wrs); err != nil {
+	if err := postExpect(ctx, e, wrs, wc(1, verbs.StatusLocalProtection, 0), wc(2, verbs.StatusFlushed, 0), wc(3, verbs.StatusFlushed, 0)); err != nil {
 		return err
 	}
-	got, err := collect(ctx, e.scq, 3)
-	if err != nil {
+	if err := wantError(e.qp, "LOC_PROT_ERR"); err != nil {
 		return err
-	}
-	if err := expect(got, wc(1, verbs.StatusLocalProtection, 0), wc(2, verbs.StatusFlushed, 0), wc(3, verbs.StatusFlushed, 0)); err != nil {
-		return err
-	}
-	if s := e.qp.State(); s != verbs.QPError {
-		return fmt.Errorf("QP in %v after LOC_PROT_ERR, want ERR", s)
 	}
 	return finish(ctx, e)
 }
@@ -1134,13 +983,9 @@ func badLKeyActiveRound(ctx context.Context, p *Peer, round int) (err error) {
 // recvProtPassive posts a receive into a region without local write: the
 // peer's SEND fails here with LOC_PROT_ERR and there with REM_OP_ERR.
 func recvProtPassive(ctx context.Context, p *Peer) (err error) {
-	ln, err := p.listen()
+	ln, e, err := p.serve(verbs.QPOptions{})
 	if err != nil {
 		return err
-	}
-	e, err := newEndpoint(p.Dev, verbs.QPOptions{})
-	if err != nil {
-		return closeAll(err, ln)
 	}
 	defer func() { err = closeAll(err, ln, e) }()
 	ro, err := e.region(64, 0)
@@ -1152,11 +997,7 @@ func recvProtPassive(ctx context.Context, p *Peer) (err error) {
 	}); err != nil {
 		return err
 	}
-	got, err := collect(ctx, e.rcq, 2)
-	if err != nil {
-		return err
-	}
-	if err := expect(got, wc(1, verbs.StatusLocalProtection, 0), wc(2, verbs.StatusFlushed, 0)); err != nil {
+	if _, err := expectOn(ctx, e.rcq, wc(1, verbs.StatusLocalProtection, 0), wc(2, verbs.StatusFlushed, 0)); err != nil {
 		return err
 	}
 	for _, b := range ro.b {
@@ -1164,8 +1005,8 @@ func recvProtPassive(ctx context.Context, p *Peer) (err error) {
 			return errors.New("data written into a region without local write")
 		}
 	}
-	if s := e.qp.State(); s != verbs.QPError {
-		return fmt.Errorf("QP in %v after LOC_PROT_ERR, want ERR", s)
+	if err := wantError(e.qp, "LOC_PROT_ERR"); err != nil {
+		return err
 	}
 	_, err = waitEvent(ctx, e.conn, verbs.EventDisconnected)
 	return err
@@ -1185,27 +1026,16 @@ func recvProtActive(ctx context.Context, p *Peer) (err error) {
 		return err
 	}
 	copy(m.r.b[8*msgSize:], pattern(13, 16))
-	if err := e.qp.PostSend([]verbs.SendWR{{ID: 1, Op: verbs.OpSend, Flags: verbs.SendSignaled, SGL: []verbs.SGE{m.r.sge(8*msgSize, 16)}}}); err != nil {
-		return err
-	}
-	got, err := collect(ctx, e.scq, 1)
-	if err != nil {
-		return err
-	}
-	if err := expect(got, wc(1, verbs.StatusRemoteOp, 0)); err != nil {
+	if err := postExpect(ctx, e, []verbs.SendWR{{ID: 1, Op: verbs.OpSend, Flags: verbs.SendSignaled, SGL: []verbs.SGE{m.r.sge(8*msgSize, 16)}}}, wc(1, verbs.StatusRemoteOp, 0)); err != nil {
 		return err
 	}
 	return finish(ctx, e)
 }
 
 func lengthPassive(ctx context.Context, p *Peer) (err error) {
-	ln, err := p.listen()
+	ln, e, err := p.serve(verbs.QPOptions{})
 	if err != nil {
 		return err
-	}
-	e, err := newEndpoint(p.Dev, verbs.QPOptions{})
-	if err != nil {
-		return closeAll(err, ln)
 	}
 	defer func() { err = closeAll(err, ln, e) }()
 	r, err := e.region(64, verbs.AccessLocalWrite)
@@ -1217,15 +1047,11 @@ func lengthPassive(ctx context.Context, p *Peer) (err error) {
 	}); err != nil {
 		return err
 	}
-	got, err := collect(ctx, e.rcq, 2)
-	if err != nil {
+	if _, err := expectOn(ctx, e.rcq, wc(1, verbs.StatusLocalLength, 0), wc(2, verbs.StatusFlushed, 0)); err != nil {
 		return err
 	}
-	if err := expect(got, wc(1, verbs.StatusLocalLength, 0), wc(2, verbs.StatusFlushed, 0)); err != nil {
+	if err := wantError(e.qp, "LOC_LEN_ERR"); err != nil {
 		return err
-	}
-	if s := e.qp.State(); s != verbs.QPError {
-		return fmt.Errorf("QP in %v after LOC_LEN_ERR, want ERR", s)
 	}
 	_, err = waitEvent(ctx, e.conn, verbs.EventDisconnected)
 	return err
@@ -1244,14 +1070,7 @@ func lengthActive(ctx context.Context, p *Peer) (err error) {
 	if _, err := p.connect(ctx, e, verbs.ConnParam{}, nil, true); err != nil {
 		return err
 	}
-	if err := e.qp.PostSend([]verbs.SendWR{{ID: 1, Op: verbs.OpSend, Flags: verbs.SendSignaled, SGL: []verbs.SGE{r.sge(0, 64)}}}); err != nil {
-		return err
-	}
-	got, err := collect(ctx, e.scq, 1)
-	if err != nil {
-		return err
-	}
-	if err := expect(got, wc(1, verbs.StatusRemoteInvalidReq, 0)); err != nil {
+	if err := postExpect(ctx, e, []verbs.SendWR{{ID: 1, Op: verbs.OpSend, Flags: verbs.SendSignaled, SGL: []verbs.SGE{r.sge(0, 64)}}}, wc(1, verbs.StatusRemoteInvalidReq, 0)); err != nil {
 		return err
 	}
 	return finish(ctx, e)
@@ -1289,11 +1108,7 @@ func flushActive(ctx context.Context, p *Peer) (err error) {
 	if !errors.As(err, &pe) || pe.Index != depth || !errors.Is(err, verbs.ErrQueueFull) {
 		return fmt.Errorf("posting %d requests on a queue of %d: got %v, want a PostError at %d with ErrQueueFull", depth+1, depth, err, depth)
 	}
-	got, err := collect(ctx, e.scq, 1)
-	if err != nil {
-		return err
-	}
-	if err := expect(got, wc(uint64(100+depth-1), verbs.StatusSuccess, verbs.CompWrite)); err != nil {
+	if _, err := expectOn(ctx, e.scq, wc(uint64(100+depth-1), verbs.StatusSuccess, verbs.CompWrite)); err != nil {
 		return err
 	}
 	// Error state: posted receives flush in order, new work flushes.
@@ -1308,11 +1123,7 @@ func flushActive(ctx context.Context, p *Peer) (err error) {
 	if s := qp.State(); s != verbs.QPError {
 		return fmt.Errorf("QP in %v after modify to ERR", s)
 	}
-	got, err = collect(ctx, e.rcq, 3)
-	if err != nil {
-		return err
-	}
-	if err := expect(got, wc(10, verbs.StatusFlushed, 0), wc(11, verbs.StatusFlushed, 0), wc(12, verbs.StatusFlushed, 0)); err != nil {
+	if _, err := expectOn(ctx, e.rcq, wc(10, verbs.StatusFlushed, 0), wc(11, verbs.StatusFlushed, 0), wc(12, verbs.StatusFlushed, 0)); err != nil {
 		return err
 	}
 	if err := qp.PostSend([]verbs.SendWR{{ID: 20, Op: verbs.OpSend, Flags: verbs.SendSignaled, SGL: []verbs.SGE{r.sge(0, 8)}}}); err != nil {
@@ -1325,11 +1136,7 @@ func flushActive(ctx context.Context, p *Peer) (err error) {
 		cq verbs.CQ
 		id uint64
 	}{{e.scq, 20}, {e.rcq, 21}} {
-		got, err := collect(ctx, c.cq, 1)
-		if err != nil {
-			return err
-		}
-		if err := expect(got, wc(c.id, verbs.StatusFlushed, 0)); err != nil {
+		if _, err := expectOn(ctx, c.cq, wc(c.id, verbs.StatusFlushed, 0)); err != nil {
 			return err
 		}
 	}
@@ -1416,12 +1223,7 @@ func disconnectPassive(ctx context.Context, p *Peer) (err error) {
 		return err
 	}
 	defer func() { err = closeAll(err, ln) }()
-	for round := 1; round <= 2; round++ {
-		if err := disconnectRound(ctx, ln, p, round == 2); err != nil {
-			return fmt.Errorf("round %d: %w", round, err)
-		}
-	}
-	return nil
+	return rounds(2, func(round int) error { return disconnectRound(ctx, ln, p, round == 2) })
 }
 
 func disconnectRound(ctx context.Context, ln verbs.Listener, p *Peer, initiate bool) (err error) {
@@ -1435,7 +1237,7 @@ func disconnectRound(ctx context.Context, ln verbs.Listener, p *Peer, initiate b
 		return err
 	}
 	if _, err := accept(ctx, ln, e, verbs.ConnParam{}, func(qp verbs.QP) error {
-		return errors.Join(m.postRecv(qp, 0, 1), m.postRecv(qp, 1, 2), m.postRecv(qp, 2, 3))
+		return m.postRecvs(qp, 3)
 	}); err != nil {
 		return err
 	}
@@ -1459,37 +1261,21 @@ func checkDisconnected(ctx context.Context, e *endpoint, n int) error {
 			return fmt.Errorf("unexpected event %v", ev)
 		}
 	}
-	if s := e.qp.State(); s != verbs.QPError {
-		return fmt.Errorf("QP in %v after the disconnect, want ERR", s)
+	if err := wantError(e.qp, "the disconnect"); err != nil {
+		return err
 	}
 	want := make([]verbs.Completion, n)
 	for i := range want {
 		want[i] = wc(uint64(i+1), verbs.StatusFlushed, 0)
 	}
-	got, err := collect(ctx, e.rcq, n)
-	if err != nil {
+	if _, err := expectOn(ctx, e.rcq, want...); err != nil {
 		return err
 	}
-	if err := expect(got, want...); err != nil {
-		return err
-	}
-	if err := e.qp.PostSend([]verbs.SendWR{{ID: 9, Op: verbs.OpWrite, Flags: verbs.SendSignaled}}); err != nil {
-		return err
-	}
-	got, err = collect(ctx, e.scq, 1)
-	if err != nil {
-		return err
-	}
-	return expect(got, wc(9, verbs.StatusFlushed, 0))
+	return postExpect(ctx, e, []verbs.SendWR{{ID: 9, Op: verbs.OpWrite, Flags: verbs.SendSignaled}}, wc(9, verbs.StatusFlushed, 0))
 }
 
 func disconnectActive(ctx context.Context, p *Peer) error {
-	for round := 1; round <= 2; round++ {
-		if err := disconnectActiveRound(ctx, p, round == 1); err != nil {
-			return fmt.Errorf("round %d: %w", round, err)
-		}
-	}
-	return nil
+	return rounds(2, func(round int) error { return disconnectActiveRound(ctx, p, round == 1) })
 }
 
 func disconnectActiveRound(ctx context.Context, p *Peer, initiate bool) (err error) {
@@ -1503,7 +1289,7 @@ func disconnectActiveRound(ctx context.Context, p *Peer, initiate bool) (err err
 		return err
 	}
 	if _, err := p.connect(ctx, e, verbs.ConnParam{}, func(qp verbs.QP) error {
-		return errors.Join(m.postRecv(qp, 0, 1), m.postRecv(qp, 1, 2), m.postRecv(qp, 2, 3))
+		return m.postRecvs(qp, 3)
 	}, true); err != nil {
 		return err
 	}
@@ -1744,13 +1530,9 @@ func limitsActive(ctx context.Context, p *Peer) (err error) {
 // ---- completion notification ----
 
 func notifyPassive(ctx context.Context, p *Peer) (err error) {
-	ln, err := p.listen()
+	ln, e, err := p.serve(verbs.QPOptions{})
 	if err != nil {
 		return err
-	}
-	e, err := newEndpoint(p.Dev, verbs.QPOptions{})
-	if err != nil {
-		return closeAll(err, ln)
 	}
 	defer func() { err = closeAll(err, ln, e) }()
 	m, err := newMsgBox(e)
@@ -1758,7 +1540,7 @@ func notifyPassive(ctx context.Context, p *Peer) (err error) {
 		return err
 	}
 	if _, err := accept(ctx, ln, e, verbs.ConnParam{}, func(qp verbs.QP) error {
-		return errors.Join(m.postRecv(qp, 0, 1), m.postRecv(qp, 1, 2), m.postRecv(qp, 2, 3))
+		return m.postRecvs(qp, 3)
 	}); err != nil {
 		return err
 	}
@@ -1801,11 +1583,7 @@ func notifyPassive(ctx context.Context, p *Peer) (err error) {
 	if err := e.rcq.Wait(ctx); err != nil {
 		return fmt.Errorf("Wait for a solicited completion: %w", err)
 	}
-	got, err := collect(ctx, e.rcq, 1)
-	if err != nil {
-		return err
-	}
-	if err := expect(got, wc(2, verbs.StatusSuccess, verbs.CompRecv)); err != nil {
+	if _, err := expectOn(ctx, e.rcq, wc(2, verbs.StatusSuccess, verbs.CompRecv)); err != nil {
 		return err
 	}
 	// Arming for any completion: the unsolicited C wakes it.
@@ -1818,10 +1596,7 @@ func notifyPassive(ctx context.Context, p *Peer) (err error) {
 	if err := e.rcq.Wait(ctx); err != nil {
 		return fmt.Errorf("Wait for any completion: %w", err)
 	}
-	if got, err = collect(ctx, e.rcq, 1); err != nil {
-		return err
-	}
-	if err := expect(got, wc(3, verbs.StatusSuccess, verbs.CompRecv)); err != nil {
+	if _, err := expectOn(ctx, e.rcq, wc(3, verbs.StatusSuccess, verbs.CompRecv)); err != nil {
 		return err
 	}
 	_, err = waitEvent(ctx, e.conn, verbs.EventDisconnected)
@@ -1839,7 +1614,7 @@ func notifyActive(ctx context.Context, p *Peer) (err error) {
 		return err
 	}
 	if _, err := p.connect(ctx, e, verbs.ConnParam{}, func(qp verbs.QP) error {
-		return errors.Join(m.postRecv(qp, 0, 1), m.postRecv(qp, 1, 2), m.postRecv(qp, 2, 3))
+		return m.postRecvs(qp, 3)
 	}, true); err != nil {
 		return err
 	}
@@ -1871,13 +1646,9 @@ const (
 // WRITE on the same QP). It reposts receives as it goes and answers with a
 // digest of everything received, in order.
 func orderingPassive(ctx context.Context, p *Peer) (err error) {
-	ln, err := p.listen()
+	ln, e, err := p.serve(verbs.QPOptions{MaxRecvWR: orderRecvs})
 	if err != nil {
 		return err
-	}
-	e, err := newEndpoint(p.Dev, verbs.QPOptions{MaxRecvWR: orderRecvs})
-	if err != nil {
-		return closeAll(err, ln)
 	}
 	defer func() { err = closeAll(err, ln, e) }()
 	rb, err := e.region(orderRecvs*orderMax, verbs.AccessLocalWrite)
@@ -1968,11 +1739,7 @@ func orderingActive(ctx context.Context, p *Peer) (err error) {
 	if err != nil {
 		return err
 	}
-	rep, err := p.connect(ctx, e, verbs.ConnParam{RNRRetry: 7}, func(qp verbs.QP) error { return m.postRecv(qp, 0, 1) }, true)
-	if err != nil {
-		return err
-	}
-	rd, err := parseDesc(rep)
+	rd, err := p.connectDesc(ctx, e, verbs.ConnParam{RNRRetry: 7}, func(qp verbs.QP) error { return m.postRecv(qp, 0, 1) })
 	if err != nil {
 		return err
 	}

@@ -372,6 +372,16 @@ func (p *Peer) connect(ctx context.Context, e *endpoint, param verbs.ConnParam, 
 	}
 }
 
+// connectDesc connects e like connect (retrying while there is no
+// listener) and parses the reply's private data as a region descriptor.
+func (p *Peer) connectDesc(ctx context.Context, e *endpoint, param verbs.ConnParam, prepare func(verbs.QP) error) (desc, error) {
+	rep, err := p.connect(ctx, e, param, prepare, true)
+	if err != nil {
+		return desc{}, err
+	}
+	return parseDesc(rep)
+}
+
 // drain polls cq empty.
 func drain(cq verbs.CQ) error {
 	wc := make([]verbs.Completion, 16)
@@ -391,6 +401,20 @@ func (p *Peer) listen() (verbs.Listener, error) {
 	}
 	p.Ready()
 	return ln, nil
+}
+
+// serve starts a passive half: it listens on the case's service ID and
+// makes an endpoint with options qpo. The caller closes both with closeAll.
+func (p *Peer) serve(qpo verbs.QPOptions) (verbs.Listener, *endpoint, error) {
+	ln, err := p.listen()
+	if err != nil {
+		return nil, nil, err
+	}
+	e, err := newEndpoint(p.Dev, qpo)
+	if err != nil {
+		return nil, nil, closeAll(err, ln)
+	}
+	return ln, e, nil
 }
 
 // accept takes the next request on ln into e and accepts it. It returns the
@@ -426,6 +450,26 @@ func collect(ctx context.Context, cq verbs.CQ, n int) ([]verbs.Completion, error
 	return out, nil
 }
 
+// expectOn waits for len(want) completions on cq and checks them with
+// expect. It returns what it collected.
+func expectOn(ctx context.Context, cq verbs.CQ, want ...verbs.Completion) ([]verbs.Completion, error) {
+	got, err := collect(ctx, cq, len(want))
+	if err != nil {
+		return got, err
+	}
+	return got, expect(got, want...)
+}
+
+// postExpect posts wrs on e's QP and checks the send completions with
+// expectOn.
+func postExpect(ctx context.Context, e *endpoint, wrs []verbs.SendWR, want ...verbs.Completion) error {
+	if err := e.qp.PostSend(wrs); err != nil {
+		return err
+	}
+	_, err := expectOn(ctx, e.scq, want...)
+	return err
+}
+
 // expect checks completions against wanted (ID, status) pairs in order.
 func expect(got []verbs.Completion, want ...verbs.Completion) error {
 	if len(got) != len(want) {
@@ -444,6 +488,15 @@ func expect(got []verbs.Completion, want ...verbs.Completion) error {
 
 func wc(id uint64, st verbs.Status, op verbs.CompletionOp) verbs.Completion {
 	return verbs.Completion{ID: id, Status: st, Op: op}
+}
+
+// wantError checks that qp is in the error state after what is said by
+// after.
+func wantError(qp verbs.QP, after string) error {
+	if s := qp.State(); s != verbs.QPError {
+		return fmt.Errorf("QP in %v after %s, want ERR", s, after)
+	}
+	return nil
 }
 
 // quiet checks that no completion arrives on cq for d.
@@ -588,6 +641,16 @@ func (m *msgBox) postRecv(qp verbs.QP, i int, id uint64) error {
 	return qp.PostRecv([]verbs.RecvWR{{ID: id, SGL: []verbs.SGE{m.r.sge(i*msgSize, msgSize)}}})
 }
 
+// postRecvs posts receive slots 0 to n-1 with IDs 1 to n, each even if an
+// earlier one failed.
+func (m *msgBox) postRecvs(qp verbs.QP, n int) error {
+	errs := make([]error, n)
+	for i := range errs {
+		errs[i] = m.postRecv(qp, i, uint64(i+1))
+	}
+	return errors.Join(errs...)
+}
+
 // slot returns the first n bytes of receive slot i.
 func (m *msgBox) slot(i, n int) []byte { return m.r.b[i*msgSize : i*msgSize+n] }
 
@@ -617,6 +680,17 @@ func (m *msgBox) recv(ctx context.Context, i int, id uint64) ([]byte, error) {
 		return nil, err
 	}
 	return append([]byte(nil), m.slot(i, int(got[0].ByteLen))...), nil
+}
+
+// rounds runs f for rounds 1 to n in order and stops at the first error,
+// which it labels with its round.
+func rounds(n int, f func(round int) error) error {
+	for round := 1; round <= n; round++ {
+		if err := f(round); err != nil {
+			return fmt.Errorf("round %d: %w", round, err)
+		}
+	}
+	return nil
 }
 
 // closeAll closes endpoints and a listener, joining errors with err.

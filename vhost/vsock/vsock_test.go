@@ -13,6 +13,7 @@ import (
 	"github.com/vsdp/vsdp/vhost/vhosttest"
 	"github.com/vsdp/vsdp/vhost/virtq"
 	"github.com/vsdp/vsdp/vhost/vsock"
+	"github.com/vsdp/vsdp/vhost/vsock/vsocktest"
 )
 
 const guestCID = 5
@@ -185,7 +186,7 @@ func (e *echo) Connect(r *vsock.Request) {
 type echoStream struct {
 	mu       sync.Mutex
 	c        *vsock.Conn
-	buf      []byte
+	buf      vsocktest.Queue
 	got      int
 	eof      bool
 	shut     [3]bool // rcv, send, abortive
@@ -197,9 +198,7 @@ type echoStream struct {
 
 func (s *echoStream) Deliver(p *vsock.Payload) {
 	s.mu.Lock()
-	for _, seg := range p.Segs {
-		s.buf = append(s.buf, seg...)
-	}
+	s.buf.Append(p.Segs...)
 	s.got += p.Len
 	if p.Copied {
 		s.copied += p.Len
@@ -219,13 +218,8 @@ func (s *echoStream) Deliver(p *vsock.Payload) {
 func (s *echoStream) Pull(dst [][]byte) (int, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	n := 0
-	for _, d := range dst {
-		k := copy(d, s.buf)
-		s.buf = s.buf[k:]
-		n += k
-	}
-	return n, s.eof && len(s.buf) == 0
+	n := s.buf.Fill(dst)
+	return n, s.eof && s.buf.Len() == 0
 }
 
 func (s *echoStream) Shutdown(rcv, send, abortive bool) {

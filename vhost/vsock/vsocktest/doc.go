@@ -13,4 +13,8 @@
 // safety net). Stats count how it woke, so tests can tell a stream carried
 // by interrupts from one rescued by polls (Missed: an interrupt the device
 // owed). Lock order: Guest.mu, then the rings' own locks.
+//
+// Queue is the byte queue that back-end test streams (vsock.Stream
+// implementations in tests) keep what Deliver got in and Pull hands back;
+// it has no lock, the stream that holds it locks.
 package vsocktest

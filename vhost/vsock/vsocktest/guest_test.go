@@ -10,13 +10,14 @@ import (
 
 	"github.com/vsdp/vsdp/vhost/vhosttest"
 	"github.com/vsdp/vsdp/vhost/vsock"
+	"github.com/vsdp/vsdp/vhost/vsock/vsocktest"
 )
 
 // source is a stream that sends data to the guest and hashes what the
 // guest sends.
 type source struct {
 	mu   sync.Mutex
-	data []byte // left to send to the guest
+	data vsocktest.Queue // left to send to the guest
 	got  []byte
 	eof  bool
 	c    *vsock.Conn
@@ -42,13 +43,8 @@ func (s *source) Deliver(p *vsock.Payload) {
 func (s *source) Pull(dst [][]byte) (int, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	n := 0
-	for _, d := range dst {
-		k := copy(d, s.data)
-		s.data = s.data[k:]
-		n += k
-	}
-	return n, len(s.data) == 0 && s.eof
+	n := s.data.Fill(dst)
+	return n, s.data.Len() == 0 && s.eof
 }
 
 func (s *source) Shutdown(bool, bool, bool) {}
@@ -68,7 +64,8 @@ func TestStreamWakeups(t *testing.T) {
 	for i := range down {
 		down[i], up[i] = byte(rng.Uint32()), byte(rng.Uint32())
 	}
-	s := &source{data: down, eof: true, conn: make(chan *vsock.Conn, 1)}
+	s := &source{eof: true, conn: make(chan *vsock.Conn, 1)}
+	s.data.Append(down)
 	g, done := setupBackend(t, s)
 	defer done()
 	c, err := g.Dial(9, 5*time.Second)
