@@ -212,3 +212,46 @@ func TestEcho(t *testing.T) {
 		})
 	}
 }
+
+// TestDeferredBind: a socket bound before connect, under a server rule
+// that sends binds to the device, holds its bind until connect decides;
+// when a client rule then keeps the connection on the guest's own TCP,
+// the library makes the deferred bind on the kernel's socket first, so the
+// peer sees the bound port.
+func TestDeferredBind(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	peers := make(chan string, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		peers <- c.RemoteAddr().String()
+		c.Close()
+	}()
+	free, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := free.Addr().(*net.TCPAddr).Port
+	free.Close()
+	h := newHost(t, Unix)
+	conf := "use sdp server * *:*\nuse tcp client * 127.0.0.1:*\n"
+	dst := ln.Addr().(*net.TCPAddr)
+	r := runProg(t, h, writeConf(t, conf), "bindconnect", "127.0.0.1", strconv.Itoa(dst.Port), strconv.Itoa(port))
+	r.want(t, "connect", "OK")
+	r.want(t, "sockname", fmt.Sprintf("127.0.0.1:%d", port))
+	r.want(t, "c.locals", "1")
+	select {
+	case p := <-peers:
+		if p != fmt.Sprintf("127.0.0.1:%d", port) {
+			t.Fatalf("the peer saw %s, want the bound port %d", p, port)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no connection reached the listener")
+	}
+}

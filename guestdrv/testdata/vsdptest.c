@@ -294,6 +294,28 @@ static int cmd_connect(char **av)
 	return 0;
 }
 
+/* bindconnect ADDR PORT BINDPORT: bind to the wildcard address and
+ * BINDPORT first (a server rule may defer that bind), then connect and
+ * report both names: the bind must hold on whichever path connect takes. */
+static int cmd_bindconnect(char **av)
+{
+	struct sockaddr_storage ss, bs;
+	socklen_t len, bl;
+	int fam = addr_of(av[0], av[1], &ss, &len), fd;
+
+	addr_of(fam == AF_INET6 ? "::" : "0.0.0.0", av[2], &bs, &bl);
+	fd = socket(fam, SOCK_STREAM, 0);
+	if (fd < 0)
+		fail("socket");
+	if (bind(fd, (struct sockaddr *)&bs, bl) < 0)
+		fail("bind");
+	kv("connect", "%s", connect(fd, (struct sockaddr *)&ss, len) == 0 ? "OK" : ename(errno));
+	names(fd, "");
+	counters();
+	close(fd);
+	return 0;
+}
+
 /* ---- echo: data integrity ---- */
 
 static int cmd_echo(char **av)
@@ -875,6 +897,8 @@ int main(int argc, char **argv)
 	kv("fds_before", "%d", count_fds());
 	if (strcmp(argv[1], "connect") == 0 && argc >= 4)
 		r = cmd_connect(argv + 2);
+	else if (strcmp(argv[1], "bindconnect") == 0 && argc == 5)
+		r = cmd_bindconnect(argv + 2);
 	else if (strcmp(argv[1], "echo") == 0 && argc == 6)
 		r = cmd_echo(argv + 2);
 	else if (strcmp(argv[1], "reset") == 0 && argc == 4)
