@@ -37,6 +37,13 @@ func (c *Conn) opErr(op string, err error) error {
 	if err == nil {
 		return nil
 	}
+	return &net.OpError{Op: op, Net: "tcp", Source: c.local, Addr: c.remote, Err: netErr(op, err)}
+}
+
+// netErr turns an error of the vsock file under a stream or listener into
+// what the net package would report: net.ErrClosed, the deadline error, or
+// a syscall error naming op.
+func netErr(op string, err error) error {
 	var pe *os.PathError
 	if errors.As(err, &pe) {
 		err = pe.Err
@@ -50,7 +57,7 @@ func (c *Conn) opErr(op string, err error) error {
 	if errno, ok := err.(syscall.Errno); ok {
 		err = os.NewSyscallError(op, errno)
 	}
-	return &net.OpError{Op: op, Net: "tcp", Source: c.local, Addr: c.remote, Err: err}
+	return err
 }
 
 // reset returns the errno of the host's RESET for this stream, once per

@@ -2,7 +2,6 @@ package vsdpnet
 
 import (
 	"context"
-	"errors"
 	"net"
 	"os"
 	"sync/atomic"
@@ -30,20 +29,7 @@ func (l *Listener) opErr(err error) error {
 	if err == nil {
 		return nil
 	}
-	var pe *os.PathError
-	if errors.As(err, &pe) {
-		err = pe.Err
-	}
-	switch {
-	case errors.Is(err, os.ErrClosed):
-		err = net.ErrClosed
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		err = os.ErrDeadlineExceeded
-	}
-	if errno, ok := err.(syscall.Errno); ok {
-		err = os.NewSyscallError("accept", errno)
-	}
-	return &net.OpError{Op: "accept", Net: "tcp", Addr: l.addr, Err: err}
+	return &net.OpError{Op: "accept", Net: "tcp", Addr: l.addr, Err: netErr("accept", err)}
 }
 
 // Accept waits for the next stream.
