@@ -165,6 +165,24 @@ static uint32_t random_port(void)
 	return 0x10000000u | (v & 0x6fffffffu);
 }
 
+/* bind_unix_random binds fd to the unix test transport's address
+ * name.PORT for a random free port (16 tries). */
+static int bind_unix_random(int fd, const char *name)
+{
+	struct sockaddr_un sun;
+	int i;
+
+	for (i = 0; i < 16; i++) {
+		socklen_t len = unix_addr(&sun, name, random_port(), 1);
+
+		if (vsdp_real.bind(fd, (struct sockaddr *)&sun, len) == 0)
+			return 0;
+		if (errno != EADDRINUSE)
+			return -1;
+	}
+	return -1;
+}
+
 int tp_prepare_dial(int fd, uint32_t timeout_ms)
 {
 	if (kind == TP_VSOCK) {
@@ -175,20 +193,8 @@ int tp_prepare_dial(int fd, uint32_t timeout_ms)
 		set_connect_timeout(fd, ms > 600000 ? 600000 : (int)ms);
 		return 0;
 	}
-	if (kind == TP_UNIX) {
-		struct sockaddr_un sun;
-		int i;
-
-		for (i = 0; i < 16; i++) {
-			socklen_t len = unix_addr(&sun, "g", random_port(), 1);
-
-			if (vsdp_real.bind(fd, (struct sockaddr *)&sun, len) == 0)
-				return 0;
-			if (errno != EADDRINUSE)
-				return -1;
-		}
-		return -1;
-	}
+	if (kind == TP_UNIX)
+		return bind_unix_random(fd, "g");
 	return 0;
 }
 
@@ -234,20 +240,8 @@ int tp_connect(int fd, uint32_t port)
 
 int tp_bind_listen(int fd)
 {
-	if (kind == TP_UNIX) {
-		struct sockaddr_un sun;
-		int i;
-
-		for (i = 0; i < 16; i++) {
-			socklen_t len = unix_addr(&sun, "guest", random_port(), 1);
-
-			if (vsdp_real.bind(fd, (struct sockaddr *)&sun, len) == 0)
-				return 0;
-			if (errno != EADDRINUSE)
-				return -1;
-		}
-		return -1;
-	}
+	if (kind == TP_UNIX)
+		return bind_unix_random(fd, "guest");
 	if (kind == TP_TCP) {
 		struct sockaddr_in in;
 
