@@ -32,6 +32,7 @@ const (
 	opScribble         // u16 offset, n, bytes[n]: overwrite guest memory (rings, tables)
 	opTraffic          // n: post n TX messages and n RX buffers
 	opMisc             // which: reset device, reset owner, set owner, get config, get queue num…
+	opSettle           // what: wait (bounded by fuzzSession.settle) until an echo reached RX's used ring (even) or a ring broke (odd)
 	numOps
 )
 
@@ -40,6 +41,7 @@ const (
 // two rings, and eventfds.
 type fuzzSession struct {
 	t      *testing.T
+	srv    *vhost.Server
 	f      *vhosttest.Frontend
 	mem    *vhosttest.GuestMemory
 	rings  [2]*vhosttest.Ring
@@ -48,6 +50,9 @@ type fuzzSession struct {
 	errf   [2]*os.File
 	data   []byte
 	offset int
+	// settle bounds opSettle: short while fuzzing, generous in the seed
+	// test, whose assertions depend on the echo having happened.
+	settle time.Duration
 }
 
 func (s *fuzzSession) byte() byte {
@@ -179,6 +184,14 @@ func (s *fuzzSession) step() {
 			_, _ = s.rings[echo.TX].Add([][]byte{[]byte("fuzz message")}, nil)
 			_, _ = s.rings[echo.RX].Add(nil, []int{64})
 		}
+	case opSettle:
+		done := func() bool { return s.rings[echo.RX].UsedIdx() != 0 }
+		if s.byte()%2 == 1 {
+			done = func() bool { return s.srv.Stats().RingsBroken != 0 }
+		}
+		for end := time.Now().Add(s.settle); !done() && time.Now().Before(end); {
+			time.Sleep(time.Millisecond)
+		}
 	case opMisc:
 		switch s.byte() % 6 {
 		case 0:
@@ -199,7 +212,7 @@ func (s *fuzzSession) step() {
 
 // runFuzzSession runs one input and returns the server's and the device's
 // counters.
-func runFuzzSession(t *testing.T, data []byte) (vhost.Stats, echo.Stats) {
+func runFuzzSession(t *testing.T, data []byte, settle time.Duration) (vhost.Stats, echo.Stats) {
 	var dev *echo.Device
 	srv := &vhost.Server{NewDevice: echo.Factory(echo.Options{Config: make([]byte, 8), Budget: 4}, func(d *echo.Device) { dev = d })}
 	defer srv.Close()
@@ -208,7 +221,7 @@ func runFuzzSession(t *testing.T, data []byte) (vhost.Stats, echo.Stats) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	s := &fuzzSession{t: t, f: f, data: data}
+	s := &fuzzSession{t: t, f: f, data: data, settle: settle, srv: srv}
 	if s.mem, err = vhosttest.NewGuestMemory(256 << 10); err != nil {
 		t.Fatal(err)
 	}
@@ -280,7 +293,10 @@ func qemuLikeStart() []byte {
 // both rings and moves traffic, and a scribbled descriptor table breaks a
 // ring. (Otherwise the fuzzer would only ever test validation.)
 func TestFuzzSessionSeedsReachRings(t *testing.T) {
-	st, es := runFuzzSession(t, append(qemuLikeStart(), opGetBase, 0, opGetBase, 1))
+	// opSettle: the kicks are handled by the ring goroutines while
+	// GET_VRING_BASE arrives on the socket; without a wait the rings can be
+	// stopped before they have seen the kick.
+	st, es := runFuzzSession(t, append(qemuLikeStart(), opSettle, 0, opGetBase, 0, opGetBase, 1), 10*time.Second)
 	if st.RingsStarted != 2 || st.RingsStopped != 2 || st.Rejected != 0 {
 		t.Fatalf("stats %+v", st)
 	}
@@ -289,7 +305,7 @@ func TestFuzzSessionSeedsReachRings(t *testing.T) {
 	}
 	// TX's avail.idx lives at GPA 0x1162 (rings are laid out from 0x1000:
 	// RX desc, avail, used, then TX desc at 0x10e0 and avail at 0x1160).
-	st, _ = runFuzzSession(t, append(qemuLikeStart(), opScribble, 0x62, 0x11, 2, 200, 0, opGuestKick, 1))
+	st, _ = runFuzzSession(t, append(qemuLikeStart(), opScribble, 0x62, 0x11, 2, 200, 0, opGuestKick, 1, opSettle, 1), 10*time.Second)
 	if st.RingsBroken == 0 {
 		t.Fatalf("scribbled ring not broken: %+v", st)
 	}
@@ -302,7 +318,7 @@ func TestFuzzSessionSeedsReachRings(t *testing.T) {
 func FuzzSession(f *testing.F) {
 	// A QEMU-like start, traffic, and stop.
 	start := qemuLikeStart()
-	f.Add(append(append([]byte(nil), start...), opEnable, 0, 0, opGetBase, 0, opGetBase, 1))
+	f.Add(append(append([]byte(nil), start...), opSettle, 0, opEnable, 0, 0, opGetBase, 0, opGetBase, 1))
 	// The same, then the guest scribbles over TX's avail index and its
 	// descriptor table.
 	f.Add(append(append([]byte(nil), start...), opScribble, 0x62, 0x11, 2, 200, 0, opGuestKick, 1))
@@ -314,7 +330,7 @@ func FuzzSession(f *testing.F) {
 	f.Add([]byte{opMisc, 3, opMisc, 1, opMisc, 2, opMisc, 2, opCall, 0, 2})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		snap := vhosttest.TakeLeakSnapshot()
-		runFuzzSession(t, data)
+		runFuzzSession(t, data, 20*time.Millisecond)
 		if err := snap.Check(5 * time.Second); err != nil {
 			t.Fatal(err)
 		}
