@@ -59,3 +59,24 @@ func TestParse(t *testing.T) {
 		}
 	}
 }
+
+func TestShiftPort(t *testing.T) {
+	args := []string{"ib_send_lat", "-d", "rxe0", "-p", "18548", "-s", "64"}
+	got, err := shiftPort(args, 500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got[4] != "19048" || args[4] != "18548" {
+		t.Fatalf("got %v, args now %v: want the port moved in a copy", got, args)
+	}
+	for _, bad := range [][]string{
+		{"ib_send_bw", "-s", "64"},          // no -p
+		{"ib_send_bw", "-p"},                // -p without a value
+		{"ib_send_bw", "-p", "x"},           // not a number
+		{"ib_send_bw", "-p", "65500", "-F"}, // out of range once moved
+	} {
+		if _, err := shiftPort(bad, 500); err == nil {
+			t.Errorf("shiftPort(%q) succeeded", bad)
+		}
+	}
+}
