@@ -389,6 +389,16 @@ func (cs *controlServer) serve() {
 			time.Sleep(10 * time.Millisecond) // EMFILE and friends: do not spin
 			continue
 		}
+		// The socket's mode keeps other users out, not the workers (same
+		// uid). A confined worker cannot create a process to connect from,
+		// so its PID is the peer's.
+		if pid := peerPID(c); pid != 0 && cs.s.isWorkerPID(pid) {
+			cs.s.log.WithField("pid", pid).Warn("control socket: a VM worker connected; refused")
+			c.SetWriteDeadline(time.Now().Add(controlWrite))
+			writeUpdate(c, ControlReply{Error: "control socket: refused to VM workers"})
+			c.Close()
+			continue
+		}
 		cs.mu.Lock()
 		if cs.closed || len(cs.conns) >= maxControlConns {
 			closed := cs.closed
@@ -405,6 +415,26 @@ func (cs *controlServer) serve() {
 		cs.mu.Unlock()
 		go cs.handle(c)
 	}
+}
+
+// peerPID returns the PID of the process that connected c (SO_PEERCRED),
+// or 0 if the kernel does not say.
+func peerPID(c net.Conn) int {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return 0
+	}
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	var pid int
+	rc.Control(func(fd uintptr) {
+		if cred, err := syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED); err == nil {
+			pid = int(cred.Pid)
+		}
+	})
+	return pid
 }
 
 // handle serves one connection: a request per line, a reply per line.

@@ -1,8 +1,18 @@
 package daemon
 
 import (
+	"bufio"
+	"encoding/json"
+	"io"
+	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
 
 	"github.com/vsdp/vsdp/verbs/soft"
 )
@@ -47,6 +57,70 @@ func TestFabricTableApply(t *testing.T) {
 			if has(a) {
 				t.Fatalf("%s: %s still there", s.name, a)
 			}
+		}
+	}
+}
+
+// TestControlRefusesWorkers: the control socket answers a connection
+// from a worker's process with a refusal and closes it, and serves any
+// other process of the same uid.
+func TestControlRefusesWorkers(t *testing.T) {
+	self, err := os.FindProcess(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := os.FindProcess(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	w := &worker{vm: VMConfig{Name: "vm1"}, state: StateRunning}
+	s := &Supervisor{log: log, workers: []*worker{w}}
+	cs, err := listenControl(s, filepath.Join(t.TempDir(), "ctl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cs.close()
+	ask := func() ControlReply {
+		t.Helper()
+		c, err := net.Dial("unix", cs.ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		// A refused connection may be closed before the request is
+		// written (EPIPE); the refusal is read all the same.
+		c.Write([]byte(`{"op":"list"}` + "\n"))
+		line, err := bufio.NewReader(c).ReadBytes('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		var r ControlReply
+		if err := json.Unmarshal(line, &r); err != nil {
+			t.Fatalf("%q: %v", line, err)
+		}
+		return r
+	}
+	for _, step := range []struct {
+		name    string
+		proc    *os.Process
+		refused bool
+	}{
+		{"a worker's process (this test, as the worker)", self, true},
+		{"not a worker's process", other, false},
+		{"no worker process at all", nil, false},
+	} {
+		w.mu.Lock()
+		w.proc = step.proc
+		w.mu.Unlock()
+		r := ask()
+		if refused := !r.OK && strings.Contains(r.Error, "refused"); refused != step.refused {
+			t.Errorf("%s: reply %+v, want refused %v", step.name, r, step.refused)
+		}
+		if !step.refused && (len(r.VMs) != 1 || r.VMs[0].Name != "vm1") {
+			t.Errorf("%s: list %+v", step.name, r.VMs)
 		}
 	}
 }

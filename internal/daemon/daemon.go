@@ -32,6 +32,13 @@ type Config struct {
 	// Exports publish host TCP services on the host's fabric address.
 	Exports []ExportConfig `json:"exports"`
 	VMs     []VMConfig     `json:"vms"`
+	// Sandbox is "on" (the default) or "off": in worker mode each worker
+	// confines itself once its sockets exist (internal/sandbox: no file
+	// opens, no exec, no new processes, no ptrace, no signals to other
+	// processes). A worker that cannot confine itself fails to start
+	// rather than run unconfined; "off" is the way out on a kernel
+	// without seccomp filters.
+	Sandbox string `json:"sandbox"`
 	// Touch, when set, receives every copy the pure-Go provider makes to
 	// or from registered memory (tests and the demo count host copies
 	// with it; see VM.GuestKeys). It runs on the provider's data path:

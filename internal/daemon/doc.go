@@ -42,6 +42,15 @@
 // RUNDIR/NAME.pid once ready and the supervisor removes it when the worker
 // exits.
 //
+// Confinement: unless Config.Sandbox is "off", a worker confines itself
+// with internal/sandbox after its sockets exist and before it answers
+// ready (no file opens, exec, new processes, ptrace or signals to other
+// processes; non-dumpable; no_new_privs), having loaded the local time
+// zone first. From then on it cannot remove its own socket files, so the
+// supervisor removes a worker's files when it stops or is removed, and a
+// restarted worker replaces them before it confines itself. The control
+// socket refuses a connection whose SO_PEERCRED PID is a current worker's.
+//
 // # Control socket
 //
 // In worker mode the supervisor serves a control socket (control.go;

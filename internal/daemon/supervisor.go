@@ -154,7 +154,7 @@ func Supervise(cfg *Config, opts SupervisorOptions, log *logrus.Logger) (_ *Supe
 		return nil, fmt.Errorf("run directory: %w", err)
 	}
 	s := &Supervisor{log: log, opts: opts, spawn: make(chan spawnReq), spawnDone: make(chan struct{}), done: make(chan struct{}),
-		cfg: Config{Provider: cfg.Provider, Fabric: cfg.Fabric}, tab: map[string]string{}, table: soft.NewTable()}
+		cfg: Config{Provider: cfg.Provider, Fabric: cfg.Fabric, Sandbox: cfg.Sandbox}, tab: map[string]string{}, table: soft.NewTable()}
 	s.hostAddr = netip.MustParseAddr(cfg.Fabric.Addr) // checkConfig parsed it
 	go s.spawner()
 	defer func() {
@@ -307,6 +307,11 @@ func checkConfig(cfg *Config) error {
 	default:
 		return fmt.Errorf("provider %q: this build supports auto and soft", cfg.Provider)
 	}
+	switch cfg.Sandbox {
+	case "", "on", "off":
+	default:
+		return fmt.Errorf("sandbox %q: want on or off", cfg.Sandbox)
+	}
 	host, err := netip.ParseAddr(cfg.Fabric.Addr)
 	if err != nil {
 		return fmt.Errorf("fabric.addr: %w", err)
@@ -440,7 +445,7 @@ func (w *worker) stopping() bool {
 func (w *worker) start() (*exec.Cmd, net.Conn, error) {
 	s := w.s
 	s.mu.Lock()
-	wc := workerConfig{Provider: s.cfg.Provider, VM: w.vm, Listen: w.listen, Table: maps.Clone(s.tab), LogLevel: s.opts.LogLevel, Stats: s.opts.Stats}
+	wc := workerConfig{Provider: s.cfg.Provider, Sandbox: s.cfg.Sandbox != "off", VM: w.vm, Listen: w.listen, Table: maps.Clone(s.tab), LogLevel: s.opts.LogLevel, Stats: s.opts.Stats}
 	s.mu.Unlock()
 	conf, err := json.Marshal(wc)
 	if err != nil {
@@ -665,6 +670,18 @@ func (w *worker) pid() int {
 		return 0
 	}
 	return w.proc.Pid
+}
+
+// isWorkerPID says whether pid is one of the workers' current processes.
+func (s *Supervisor) isWorkerPID(pid int) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, w := range s.workers {
+		if w.pid() == pid {
+			return true
+		}
+	}
+	return false
 }
 
 // PIDs returns each VM's current worker process ID (0 while it has none).

@@ -54,6 +54,7 @@ func TestVMWorkerMode(t *testing.T) {
 	if worker == cmd.Process.Pid {
 		t.Fatalf("the VM is served by the supervisor itself (pid %d), not a worker", worker)
 	}
+	checkConfined(t, worker, true) // the guest below runs against a confined worker
 	vm := vmtest.Start(t, vmtest.Options{
 		Name: "worker",
 		Image: images.Spec{

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"github.com/vsdp/vsdp/internal/sandbox"
 	"github.com/vsdp/vsdp/sdpback"
 	"github.com/vsdp/vsdp/verbs/soft"
 )
@@ -19,8 +20,10 @@ import (
 // workerConfig is what the supervisor hands a worker over its pipe (never
 // argv or the environment: the policy is the VM's, and ps shows argv).
 type workerConfig struct {
-	Provider string   `json:"provider"`
-	VM       VMConfig `json:"vm"`
+	Provider string `json:"provider"`
+	// Sandbox: confine the worker once its sockets exist (Config.Sandbox).
+	Sandbox bool     `json:"sandbox"`
+	VM      VMConfig `json:"vm"`
 	// Listen is the worker's own soft transport endpoint.
 	Listen string `json:"listen"`
 	// Table maps every fabric address the worker may reach (the host's,
@@ -112,6 +115,11 @@ func RunWorker(pipe io.ReadWriter, stop <-chan os.Signal, stderr io.Writer) erro
 	}
 	wlog := log.WithField("vm", wc.VM.Name)
 	d, table, err := startWorker(&wc, log)
+	if err == nil && wc.Sandbox {
+		if err = confine(wlog); err != nil {
+			d.Close()
+		}
+	}
 	reply := workerReply{Ready: err == nil, PID: os.Getpid()}
 	if err != nil {
 		reply.Error = err.Error()
@@ -157,6 +165,23 @@ func RunWorker(pipe io.ReadWriter, stop <-chan os.Signal, stderr io.Writer) erro
 			}
 		}
 	}
+}
+
+// confine loads what the worker would otherwise open lazily later (the
+// local time zone, for log lines), then confines the process
+// (internal/sandbox). On an architecture without a filter the worker runs
+// unconfined and says so; any other failure is the worker's failure.
+func confine(log *logrus.Entry) error {
+	time.Now().Zone()
+	err := sandbox.Worker()
+	switch {
+	case errors.Is(err, sandbox.ErrUnsupported):
+		log.WithError(err).Warn("worker runs unconfined")
+		return nil
+	case err != nil:
+		return fmt.Errorf("%w (set \"sandbox\": \"off\" to run workers unconfined)", err)
+	}
+	return nil
 }
 
 // readUpdates applies the supervisor's updates to the worker's fabric

@@ -208,6 +208,11 @@ func TestWorkerProcesses(t *testing.T) {
 	if pidA == pidB || pidA == cmd.Process.Pid {
 		t.Fatalf("worker PIDs a=%d b=%d supervisor=%d", pidA, pidB, cmd.Process.Pid)
 	}
+	// The workers confined themselves before answering ready (the default
+	// sandbox); everything below runs through confined workers.
+	for _, pid := range []int{pidA, pidB} {
+		checkConfined(t, pid, true)
+	}
 
 	ga := attachGuest(t, cfg.VMs[0].Socket, 20)
 	gb := attachGuest(t, cfg.VMs[1].Socket, 21)
@@ -281,8 +286,9 @@ func TestWorkersExitWithSupervisor(t *testing.T) {
 	bin := buildVsdpd(t)
 	dir := t.TempDir()
 	cfg := daemon.Config{
-		Fabric: daemon.Fabric{Addr: "10.61.0.1"},
-		VMs:    []daemon.VMConfig{{Name: "c", Socket: filepath.Join(dir, "c.sock"), CID: 5, Addr: "10.61.0.5"}},
+		Fabric:  daemon.Fabric{Addr: "10.61.0.1"},
+		VMs:     []daemon.VMConfig{{Name: "c", Socket: filepath.Join(dir, "c.sock"), CID: 5, Addr: "10.61.0.5"}},
+		Sandbox: "off",
 	}
 	cmd, _ := startVsdpd(t, bin, dir, cfg, "-log-level", "warn")
 	pid := 0
@@ -294,6 +300,7 @@ func TestWorkersExitWithSupervisor(t *testing.T) {
 		}
 	})
 	pid = waitPID(t, filepath.Join(dir, "c.pid"), 0)
+	checkConfined(t, pid, false) // "sandbox": "off"
 	cmd.Process.Kill()
 	cmd.Wait()
 	// The orphan is reparented (to init or a subreaper) and reaped there;
@@ -304,6 +311,22 @@ func TestWorkersExitWithSupervisor(t *testing.T) {
 			t.Fatalf("worker %d still running 5 s after its supervisor died", pid)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// checkConfined fails the test unless the kernel reports pid as confined
+// by internal/sandbox (a seccomp filter and no_new_privs), or as not
+// confined at all.
+func checkConfined(t *testing.T, pid int, want bool) {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range []string{"NoNewPrivs:\t1\n", "Seccomp:\t2\n"} {
+		if got := bytes.Contains(b, []byte(line)); got != want {
+			t.Errorf("worker %d: %q in its status is %v, want %v", pid, strings.TrimSpace(line), got, want)
+		}
 	}
 }
 
@@ -366,6 +389,7 @@ func TestSuperviseValidatesConfig(t *testing.T) {
 		want string
 	}{
 		{"provider", daemon.Config{Provider: "ibv", Fabric: daemon.Fabric{Addr: "10.63.0.1"}}, "provider"},
+		{"sandbox", daemon.Config{Sandbox: "maybe", Fabric: daemon.Fabric{Addr: "10.63.0.1"}}, "sandbox"},
 		{"fabric addr", daemon.Config{Fabric: daemon.Fabric{Addr: "nowhere"}}, "fabric.addr"},
 		{"touch", daemon.Config{Fabric: daemon.Fabric{Addr: "10.63.0.1"}, Touch: func(soft.Touch) {}}, "Touch"},
 		{"peer addr", daemon.Config{Fabric: daemon.Fabric{Addr: "10.63.0.1", Peers: map[string]string{"x": "tcp:127.0.0.1:1"}}}, "fabric.peers"},
