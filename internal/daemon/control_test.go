@@ -104,26 +104,9 @@ func TestControlAddRemove(t *testing.T) {
 		VMs:     []daemon.VMConfig{{Name: "a", Socket: filepath.Join(dir, "a.sock"), CID: 20, Addr: "10.70.0.20", Policy: pol}},
 	}
 	ctlPath := filepath.Join(dir, "vsdpd.ctl")
-	cmd, logPath := startVsdpd(t, bin, dir, cfg)
-	var pids []int
-	waited := false
-	t.Cleanup(func() {
-		if !waited {
-			cmd.Process.Kill()
-			cmd.Wait()
-		}
-		for _, pid := range pids {
-			if !gone(pid) {
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
-		if t.Failed() {
-			out, _ := os.ReadFile(logPath)
-			t.Logf("vsdpd log:\n%s", out)
-		}
-	})
+	run := runVsdpd(t, bin, dir, cfg)
 	pidA := waitPID(t, filepath.Join(dir, "a.pid"), 0)
-	pids = append(pids, pidA)
+	run.pids = append(run.pids, pidA)
 	fi, err := os.Stat(ctlPath)
 	if err != nil {
 		t.Fatalf("control socket: %v", err)
@@ -146,7 +129,7 @@ func TestControlAddRemove(t *testing.T) {
 		t.Fatalf("vsdpd -ctl add: %v\n%s", err, out)
 	}
 	pidB := waitPID(t, filepath.Join(dir, "b.pid"), 0)
-	pids = append(pids, pidB)
+	run.pids = append(run.pids, pidB)
 	for _, f := range []string{"b.sock", "b-fs.sock", "b.fabric"} {
 		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
 			t.Fatalf("add answered before %s existed: %v", f, err)
@@ -209,8 +192,7 @@ func TestControlAddRemove(t *testing.T) {
 		t.Fatalf("second remove: exit %d (%v)\n%s", code, err, out)
 	}
 
-	waited = true
-	if err := stopVsdpd(cmd, 10*time.Second); err != nil {
+	if err := run.stop(10 * time.Second); err != nil {
 		t.Fatalf("vsdpd on SIGTERM: %v", err)
 	}
 	if !gone(pidA) {

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"strings"
@@ -39,6 +40,12 @@ type Config struct {
 	// rather than run unconfined; "off" is the way out on a kernel
 	// without seccomp filters.
 	Sandbox string `json:"sandbox"`
+	// WorkerGroup (a group name or number) is the group of workers that
+	// run under a uid of their own (VMConfig.UID): the fabric's unix
+	// endpoints between the processes become mode 0660 for it, and such
+	// workers run with it as their only group. Required when a VM has a
+	// uid; the run directory must let the group search it.
+	WorkerGroup string `json:"worker_group,omitempty"`
 	// Touch, when set, receives every copy the pure-Go provider makes to
 	// or from registered memory (tests and the demo count host copies
 	// with it; see VM.GuestKeys). It runs on the provider's data path:
@@ -83,6 +90,12 @@ type VMConfig struct {
 	// vhost-user sockets (mode 0660), for a QEMU running as another user
 	// (libvirt's); without it they are 0600, vsdpd's user only.
 	SocketGroup string `json:"socket_group,omitempty"`
+	// UID, when not 0, runs the VM's worker under this uid (worker mode,
+	// vsdpd running as root), one no other VM's worker shares. The
+	// supervisor then creates the worker's sockets itself (owned by
+	// vsdpd's user, as without UID) and hands them over as descriptors,
+	// so the worker, and any other VM's worker, cannot connect to them.
+	UID int `json:"uid,omitempty"`
 }
 
 // LoadConfig reads a configuration file; unknown fields are errors.
@@ -109,6 +122,9 @@ type Daemon struct {
 	host     *sdp.Stack
 	exporter *sdpback.Exporter
 	vms      []*VM
+	// handed are a worker's vhost-user listeners from its supervisor, by
+	// path (VMConfig.UID); listen takes them.
+	handed map[string]net.Listener
 }
 
 // VM is one served VM.
@@ -249,6 +265,9 @@ func Start(cfg *Config, log *logrus.Logger) (_ *Daemon, err error) {
 		if vmAddrs[i], err = netip.ParseAddr(v.Addr); err != nil {
 			return nil, fmt.Errorf("vm %q addr: %w", v.Name, err)
 		}
+		if v.UID != 0 {
+			return nil, fmt.Errorf("vm %q: uid needs worker mode (one process has one uid)", v.Name)
+		}
 		addrs = append(addrs, vmAddrs[i])
 	}
 	table := soft.NewTable()
@@ -340,13 +359,12 @@ func (d *Daemon) startVM(vc VMConfig, addr netip.Addr) (*VM, error) {
 		},
 		Trace: v.trace(limit, "vsock"),
 	}
-	os.Remove(vc.Socket) // a stale socket from an earlier run; QEMU connects to a fresh one
 	gid, err := socketGroup(vc.SocketGroup)
 	if err != nil {
 		st.Close()
 		return nil, err
 	}
-	ln, err := listenUnix(vc.Socket, gid)
+	ln, err := d.listen(vc.Socket, gid)
 	if err != nil {
 		st.Close()
 		return nil, err
@@ -357,7 +375,11 @@ func (d *Daemon) startVM(vc VMConfig, addr netip.Addr) (*VM, error) {
 		}
 	}()
 	if vc.FSSocket != "" {
-		if err := v.serveFS(vc.FSSocket, gid, limit); err != nil {
+		fsln, err := d.listen(vc.FSSocket, gid)
+		if err == nil {
+			v.serveFS(vc.FSSocket, fsln, limit)
+		}
+		if err != nil {
 			v.srv.Close()
 			st.Close()
 			return nil, err
@@ -373,7 +395,7 @@ func (d *Daemon) startVM(vc VMConfig, addr netip.Addr) (*VM, error) {
 // the FUSE session (sockfs.Reset completes every parked request, which
 // virtiofs cannot interrupt), and the next front-end's arrival closes the
 // previous one's filesystem for good.
-func (v *VM) serveFS(path string, gid int, limit *limiter) error {
+func (v *VM) serveFS(path string, ln net.Listener, limit *limiter) {
 	v.fsSock = path
 	v.fsSrv = &vhost.Server{
 		NewDevice: func() (vhost.Device, error) {
@@ -394,17 +416,24 @@ func (v *VM) serveFS(path string, gid int, limit *limiter) error {
 		},
 		Trace: v.trace(limit, "fs"),
 	}
-	os.Remove(path)
-	ln, err := listenUnix(path, gid)
-	if err != nil {
-		return err
-	}
 	go func() {
 		if err := v.fsSrv.Serve(ln); err != nil && !errors.Is(err, vhost.ErrClosed) {
 			v.log.WithError(err).Error("vhost-user-fs server stopped")
 		}
 	}()
-	return nil
+}
+
+// listen returns the vhost-user listener for path: the one the supervisor
+// handed over, if any (the path is then the supervisor's to create and
+// remove), else a fresh socket replacing a stale one from an earlier run
+// (QEMU connects to a fresh one).
+func (d *Daemon) listen(path string, gid int) (net.Listener, error) {
+	if ln, ok := d.handed[path]; ok {
+		delete(d.handed, path)
+		return ln, nil
+	}
+	os.Remove(path)
+	return listenUnix(path, gid)
 }
 
 // trace logs a vhost-user server's events for device dev ("vsock", "fs");
@@ -453,6 +482,9 @@ func (d *Daemon) SoftDevice() *soft.Device { return d.soft }
 
 // Close stops everything, VMs first.
 func (d *Daemon) Close() {
+	for _, ln := range d.handed { // handed over but never served
+		ln.Close()
+	}
 	for _, v := range d.vms {
 		v.srv.Close()
 		if v.fsSrv != nil {

@@ -92,7 +92,16 @@
 // run directory, so only vsdpd's user can join them. Host configuration
 // is trusted. In one-process mode a fault is scoped by the packages' own
 // rules (a broken ring stops that device, a bad stream is reset) but
-// shares the address space with every VM.
+// shares the address space with every VM. A confined worker (see
+// Confinement) can no longer open files, signal or trace other processes
+// or create processes; one that shares vsdpd's uid can still connect to
+// another VM's vhost-user sockets by path (a new front-end replaces that
+// VM's). A VM with a uid of its own (VMConfig.UID) closes that: the
+// supervisor creates the worker's vhost-user sockets and unix fabric
+// endpoint (handOver), passes them as descriptors from firstHandedFD on
+// (workerConfig.Handed), and starts the worker as the uid with
+// Config.WorkerGroup as its only group; the sockets stay vsdpd's, the
+// fabric endpoints are 0660 for the group.
 //
 // # Concurrency
 //

@@ -67,6 +67,9 @@ type Supervisor struct {
 	exporter *sdpback.Exporter
 	files    []string // the supervisor's own files, removed at Close
 	ctl      *controlServer
+	// fabricGID is WorkerGroup's gid (-1 without one): the fabric's unix
+	// endpoints are 0660 for it, and workers with a uid run in it.
+	fabricGID int
 
 	opMu    sync.Mutex // serializes Add and Remove; taken before mu
 	mu      sync.Mutex // guards workers and tab; taken before worker.mu
@@ -154,8 +157,9 @@ func Supervise(cfg *Config, opts SupervisorOptions, log *logrus.Logger) (_ *Supe
 		return nil, fmt.Errorf("run directory: %w", err)
 	}
 	s := &Supervisor{log: log, opts: opts, spawn: make(chan spawnReq), spawnDone: make(chan struct{}), done: make(chan struct{}),
-		cfg: Config{Provider: cfg.Provider, Fabric: cfg.Fabric, Sandbox: cfg.Sandbox}, tab: map[string]string{}, table: soft.NewTable()}
+		cfg: Config{Provider: cfg.Provider, Fabric: cfg.Fabric, Sandbox: cfg.Sandbox, WorkerGroup: cfg.WorkerGroup}, tab: map[string]string{}, table: soft.NewTable()}
 	s.hostAddr = netip.MustParseAddr(cfg.Fabric.Addr) // checkConfig parsed it
+	s.fabricGID, _ = socketGroup(cfg.WorkerGroup)     // checkConfig resolved it
 	go s.spawner()
 	defer func() {
 		if err != nil {
@@ -203,7 +207,7 @@ func Supervise(cfg *Config, opts SupervisorOptions, log *logrus.Logger) (_ *Supe
 		return nil, err
 	}
 	if ep.Net == "unix" {
-		if err := os.Chmod(ep.Addr, 0o600); err != nil {
+		if err := s.shareEndpoint(ep.Addr); err != nil {
 			return nil, err
 		}
 	}
@@ -312,6 +316,10 @@ func checkConfig(cfg *Config) error {
 	default:
 		return fmt.Errorf("sandbox %q: want on or off", cfg.Sandbox)
 	}
+	if _, err := socketGroup(cfg.WorkerGroup); err != nil {
+		return fmt.Errorf("worker_group: %w", err)
+	}
+	uids := map[int]string{}
 	host, err := netip.ParseAddr(cfg.Fabric.Addr)
 	if err != nil {
 		return fmt.Errorf("fabric.addr: %w", err)
@@ -383,6 +391,9 @@ func checkConfig(cfg *Config) error {
 				return fmt.Errorf("vm %q: %w", v.Name, err)
 			}
 		}
+		if err := checkUID(cfg, v, uids); err != nil {
+			return err
+		}
 		if v.Listen != "" {
 			e, err := soft.ParseEndpoint(v.Listen)
 			if err != nil {
@@ -399,6 +410,109 @@ func checkConfig(cfg *Config) error {
 		}
 	}
 	return nil
+}
+
+// checkUID checks a VM's uid: none, or a uid of its own (not root, not
+// vsdpd's, no other VM's) with a worker_group, under a vsdpd running as
+// root (only root can start a process as another user).
+func checkUID(cfg *Config, v VMConfig, uids map[int]string) error {
+	switch {
+	case v.UID == 0:
+		return nil
+	case v.UID < 0 || v.UID > 1<<31-2:
+		return fmt.Errorf("vm %q: uid %d", v.Name, v.UID)
+	case v.UID == os.Geteuid():
+		return fmt.Errorf("vm %q: uid %d is vsdpd's own", v.Name, v.UID)
+	case cfg.WorkerGroup == "":
+		return fmt.Errorf("vm %q: uid needs a worker_group", v.Name)
+	case os.Geteuid() != 0:
+		return fmt.Errorf("vm %q: uid needs vsdpd to run as root", v.Name)
+	}
+	if other, ok := uids[v.UID]; ok {
+		return fmt.Errorf("vm %q: uid %d is also vm %s's", v.Name, v.UID, other)
+	}
+	uids[v.UID] = v.Name
+	return nil
+}
+
+// shareEndpoint gives a fabric endpoint the supervisor or a worker serves
+// its mode: 0600, or 0660 for the worker group.
+func (s *Supervisor) shareEndpoint(path string) error {
+	if s.fabricGID < 0 {
+		return os.Chmod(path, 0o600)
+	}
+	if err := os.Chown(path, -1, s.fabricGID); err != nil {
+		return err
+	}
+	return os.Chmod(path, 0o660)
+}
+
+// handOver creates the listeners of a worker that runs under a uid of its
+// own (its vhost-user sockets and its unix fabric endpoint, owned by
+// vsdpd's user) as files to pass to it, with the names the worker config
+// gives them. The caller closes the files once the worker has started.
+func (s *Supervisor) handOver(w *worker) (files []*os.File, names map[string]int, err error) {
+	names = map[string]int{}
+	defer func() {
+		if err != nil {
+			closeFiles(files)
+			files = nil
+		}
+	}()
+	add := func(name string, ln net.Listener) error {
+		ul, ok := ln.(*net.UnixListener)
+		if !ok {
+			ln.Close()
+			return fmt.Errorf("%s: not a unix listener", name)
+		}
+		ul.SetUnlinkOnClose(false) // the path stays for the worker's copy
+		f, err := ul.File()
+		ul.Close()
+		if err != nil {
+			return err
+		}
+		names[name] = firstHandedFD + len(files)
+		files = append(files, f)
+		return nil
+	}
+	gid, err := socketGroup(w.vm.SocketGroup)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, p := range []struct{ name, path string }{{"socket", w.vm.Socket}, {"fs_socket", w.vm.FSSocket}} {
+		if p.path == "" {
+			continue
+		}
+		os.Remove(p.path)
+		ln, err := listenUnix(p.path, gid)
+		if err != nil {
+			return nil, nil, err
+		}
+		if err := add(p.name, ln); err != nil {
+			return nil, nil, err
+		}
+	}
+	if p, ok := unixPath(w.listen); ok {
+		os.Remove(p)
+		ln, err := net.Listen("unix", p)
+		if err != nil {
+			return nil, nil, err
+		}
+		if err := s.shareEndpoint(p); err != nil {
+			ln.Close()
+			return nil, nil, err
+		}
+		if err := add("listen", ln); err != nil {
+			return nil, nil, err
+		}
+	}
+	return files, names, nil
+}
+
+func closeFiles(fs []*os.File) {
+	for _, f := range fs {
+		f.Close()
+	}
 }
 
 func validName(n string) bool {
@@ -447,6 +561,14 @@ func (w *worker) start() (*exec.Cmd, net.Conn, error) {
 	s.mu.Lock()
 	wc := workerConfig{Provider: s.cfg.Provider, Sandbox: s.cfg.Sandbox != "off", VM: w.vm, Listen: w.listen, Table: maps.Clone(s.tab), LogLevel: s.opts.LogLevel, Stats: s.opts.Stats}
 	s.mu.Unlock()
+	var handed []*os.File
+	if w.vm.UID != 0 {
+		var err error
+		if handed, wc.Handed, err = s.handOver(w); err != nil {
+			return nil, nil, fmt.Errorf("%w: sockets: %w", ErrWorker, err)
+		}
+		defer closeFiles(handed) // the worker has its copies once started
+	}
 	conf, err := json.Marshal(wc)
 	if err != nil {
 		return nil, nil, err
@@ -464,9 +586,14 @@ func (w *worker) start() (*exec.Cmd, net.Conn, error) {
 		return nil, nil, err
 	}
 	cmd := exec.Command(s.opts.Exe, s.opts.Args...)
-	cmd.ExtraFiles = []*os.File{theirs} // fd 3
+	cmd.ExtraFiles = append([]*os.File{theirs}, handed...) // fd 3, then firstHandedFD…
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	if w.vm.UID != 0 {
+		// Go sets the parent-death signal after the switch of user, which
+		// would otherwise clear it.
+		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(w.vm.UID), Gid: uint32(s.fabricGID), Groups: []uint32{}}
+	}
 	r := spawnReq{cmd: cmd, err: make(chan error, 1)}
 	select {
 	case s.spawn <- r:

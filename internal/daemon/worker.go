@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"time"
@@ -31,7 +32,18 @@ type workerConfig struct {
 	Table    map[string]string `json:"table"`
 	LogLevel string            `json:"log_level"`
 	Stats    time.Duration     `json:"stats"`
+	// Handed names the listeners the supervisor created for a worker with
+	// a uid of its own, each an inherited descriptor: "socket" and
+	// "fs_socket" (the VM's vhost-user sockets), "listen" (its fabric
+	// endpoint).
+	Handed map[string]int `json:"handed,omitempty"`
 }
+
+// The descriptors a supervisor hands a worker: the pipe, then listeners.
+const (
+	pipeFD        = 3
+	firstHandedFD = 4
+)
 
 // workerReply is the worker's one answer on the pipe: ready (its sockets
 // exist) or why it could not start.
@@ -313,20 +325,44 @@ func startWorker(wc *workerConfig, log *logrus.Logger) (d *Daemon, table *soft.T
 	if err != nil {
 		return nil, nil, err
 	}
-	if ep.Net == "unix" {
-		os.Remove(ep.Addr) // a dead predecessor's endpoint
-	}
-	dev, err := soft.Open(soft.Options{Name: "soft-" + wc.VM.Name, Addrs: []netip.Addr{addr}, Table: table, Listen: ep})
+	handed, err := takeHanded(wc)
 	if err != nil {
 		return nil, nil, err
 	}
-	if ep.Net == "unix" {
+	defer func() {
+		if err != nil {
+			for _, ln := range handed {
+				ln.Close()
+			}
+		}
+	}()
+	opts := soft.Options{Name: "soft-" + wc.VM.Name, Addrs: []netip.Addr{addr}, Table: table, Listen: ep}
+	if ln, ok := handed["listen"]; ok {
+		opts.Listen, opts.Listener = soft.Endpoint{}, ln
+		delete(handed, "listen")
+	} else if ep.Net == "unix" {
+		os.Remove(ep.Addr) // a dead predecessor's endpoint
+	}
+	dev, err := soft.Open(opts)
+	if err != nil {
+		if opts.Listener != nil {
+			opts.Listener.Close()
+		}
+		return nil, nil, err
+	}
+	if ep.Net == "unix" && opts.Listener == nil {
 		if err := os.Chmod(ep.Addr, 0o600); err != nil {
 			dev.Close()
 			return nil, nil, err
 		}
 	}
-	d = &Daemon{log: log, dev: dev, soft: dev}
+	d = &Daemon{log: log, dev: dev, soft: dev, handed: map[string]net.Listener{}}
+	for name, path := range map[string]string{"socket": wc.VM.Socket, "fs_socket": wc.VM.FSSocket} {
+		if ln, ok := handed[name]; ok {
+			d.handed[path] = ln
+			delete(handed, name)
+		}
+	}
 	v, err := d.startVM(wc.VM, addr)
 	if err != nil {
 		d.Close()
@@ -334,4 +370,42 @@ func startWorker(wc *workerConfig, log *logrus.Logger) (d *Daemon, table *soft.T
 	}
 	d.vms = []*VM{v}
 	return d, table, nil
+}
+
+// takeHanded turns the descriptors named in wc.Handed into listeners. Only
+// the names the supervisor uses are accepted, each descriptor once, none
+// below firstHandedFD, and a name whose path the VM does not have is an
+// error; a failure closes what was taken.
+func takeHanded(wc *workerConfig) (_ map[string]net.Listener, err error) {
+	out := map[string]net.Listener{}
+	defer func() {
+		if err != nil {
+			for _, ln := range out {
+				ln.Close()
+			}
+		}
+	}()
+	seen := map[int]bool{}
+	for name, fd := range wc.Handed {
+		switch {
+		case name == "socket", name == "listen", name == "fs_socket" && wc.VM.FSSocket != "":
+		default:
+			return nil, fmt.Errorf("worker configuration: handed listener %q", name)
+		}
+		if fd < firstHandedFD || seen[fd] {
+			return nil, fmt.Errorf("worker configuration: handed %s on descriptor %d", name, fd)
+		}
+		seen[fd] = true
+		f := os.NewFile(uintptr(fd), name)
+		if f == nil {
+			return nil, fmt.Errorf("worker configuration: handed %s: no descriptor %d", name, fd)
+		}
+		ln, err := net.FileListener(f)
+		f.Close()
+		if err != nil {
+			return nil, fmt.Errorf("worker configuration: handed %s: %w", name, err)
+		}
+		out[name] = ln
+	}
+	return out, nil
 }

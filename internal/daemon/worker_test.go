@@ -69,6 +69,45 @@ func startVsdpd(t *testing.T, bin, dir string, cfg daemon.Config, args ...string
 	return cmd, logf.Name()
 }
 
+// vsdpdRun is a vsdpd started by runVsdpd.
+type vsdpdRun struct {
+	cmd     *exec.Cmd
+	log     string
+	pids    []int // worker PIDs the test saw, killed at the end if alive
+	stopped bool
+}
+
+// runVsdpd starts vsdpd (startVsdpd) and, when the test ends, kills it
+// unless stop ran, kills every worker in pids still alive, and prints its
+// log if the test failed.
+func runVsdpd(t *testing.T, bin, dir string, cfg daemon.Config, args ...string) *vsdpdRun {
+	t.Helper()
+	r := &vsdpdRun{}
+	r.cmd, r.log = startVsdpd(t, bin, dir, cfg, args...)
+	t.Cleanup(func() {
+		if !r.stopped {
+			r.cmd.Process.Kill()
+			r.cmd.Wait()
+		}
+		for _, pid := range r.pids {
+			if !gone(pid) {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+		if t.Failed() {
+			out, _ := os.ReadFile(r.log)
+			t.Logf("vsdpd log:\n%s", out)
+		}
+	})
+	return r
+}
+
+// stop stops vsdpd (stopVsdpd).
+func (r *vsdpdRun) stop(d time.Duration) error {
+	r.stopped = true
+	return stopVsdpd(r.cmd, d)
+}
+
 // stopVsdpd sends the vsdpd command SIGTERM and waits up to d for it to
 // exit, killing it if it does not; it returns how it exited.
 func stopVsdpd(cmd *exec.Cmd, d time.Duration) error {
@@ -390,6 +429,10 @@ func TestSuperviseValidatesConfig(t *testing.T) {
 	}{
 		{"provider", daemon.Config{Provider: "ibv", Fabric: daemon.Fabric{Addr: "10.63.0.1"}}, "provider"},
 		{"sandbox", daemon.Config{Sandbox: "maybe", Fabric: daemon.Fabric{Addr: "10.63.0.1"}}, "sandbox"},
+		{"worker group", daemon.Config{WorkerGroup: "no-such-group-vsdp", Fabric: daemon.Fabric{Addr: "10.63.0.1"}}, "worker_group"},
+		{"uid without a group", vm(func(v *daemon.VMConfig) { v.UID = 64510 }), "worker_group"},
+		{"negative uid", vm(func(v *daemon.VMConfig) { v.UID = -5 }), "uid -5"},
+		{"duplicate uid", withGroup(two(func(a, b *daemon.VMConfig) { a.UID, b.UID = 64510, 64510 })), "also vm"},
 		{"fabric addr", daemon.Config{Fabric: daemon.Fabric{Addr: "nowhere"}}, "fabric.addr"},
 		{"touch", daemon.Config{Fabric: daemon.Fabric{Addr: "10.63.0.1"}, Touch: func(soft.Touch) {}}, "Touch"},
 		{"peer addr", daemon.Config{Fabric: daemon.Fabric{Addr: "10.63.0.1", Peers: map[string]string{"x": "tcp:127.0.0.1:1"}}}, "fabric.peers"},
@@ -411,6 +454,16 @@ func TestSuperviseValidatesConfig(t *testing.T) {
 		{"duplicate addr", two(func(a, b *daemon.VMConfig) { b.Addr = a.Addr }), "also vm v"},
 		{"run dir path too long", vm(func(v *daemon.VMConfig) { v.Name = strings.Repeat("n", 64) }), "longer than 107"},
 	}
+	if os.Geteuid() != 0 { // as root, uid 0 means "vsdpd's", and root may
+		cases = append(cases, []struct {
+			name string
+			cfg  daemon.Config
+			want string
+		}{
+			{"uid without root", withGroup(vm(func(v *daemon.VMConfig) { v.UID = 64510 })), "root"},
+			{"vsdpd's own uid", withGroup(vm(func(v *daemon.VMConfig) { v.UID = os.Geteuid() })), "own"},
+		}...)
+	}
 	log := logrus.New()
 	log.SetOutput(io.Discard)
 	for _, c := range cases {
@@ -429,6 +482,12 @@ func TestSuperviseValidatesConfig(t *testing.T) {
 			}
 		})
 	}
+}
+
+// withGroup sets a worker_group on c.
+func withGroup(c daemon.Config) daemon.Config {
+	c.WorkerGroup = "64500"
+	return c
 }
 
 // TestRunWorker drives a worker in this process over a pipe: it answers
@@ -464,7 +523,15 @@ func TestRunWorker(t *testing.T) {
 		t.Fatalf("socket left behind: %v", err)
 	}
 
-	for _, bad := range []string{"{\"vm\":{}, \"bogus\":1}\n", "not json\n", `{"vm":{"name":"e","socket":"` + sock + `","cid":9,"addr":"10.64.0.9"},"listen":"udp:x"}` + "\n"} {
+	vmConf := `{"vm":{"name":"e","socket":"` + sock + `","cid":9,"addr":"10.64.0.9"},"listen":"unix:` + filepath.Join(dir, "e.fabric") + `"`
+	for _, bad := range []string{"{\"vm\":{}, \"bogus\":1}\n", "not json\n", `{"vm":{"name":"e","socket":"` + sock + `","cid":9,"addr":"10.64.0.9"},"listen":"udp:x"}` + "\n",
+		// Handed listeners: an unknown name, the pipe's descriptor, a
+		// socket the VM does not have, a descriptor that is not open.
+		vmConf + `,"handed":{"bogus":5}}` + "\n",
+		vmConf + `,"handed":{"socket":3}}` + "\n",
+		vmConf + `,"handed":{"fs_socket":5}}` + "\n",
+		vmConf + `,"handed":{"socket":999}}` + "\n",
+	} {
 		sup, wk := net.Pipe()
 		go func() { errc <- daemon.RunWorker(wk, nil, io.Discard) }()
 		go func() { sup.Write([]byte(bad)); io.Copy(io.Discard, sup) }()
@@ -472,6 +539,9 @@ func TestRunWorker(t *testing.T) {
 		case err := <-errc:
 			if err == nil {
 				t.Fatalf("worker accepted %q", bad)
+			}
+			if strings.Contains(bad, `"handed"`) && !strings.Contains(err.Error(), "handed") {
+				t.Fatalf("worker refused %q for another reason: %v", bad, err)
 			}
 		case <-time.After(5 * time.Second):
 			t.Fatalf("worker hung on %q", bad)

@@ -1,6 +1,7 @@
 package soft
 
 import (
+	"net"
 	"net/netip"
 	"path/filepath"
 	"testing"
@@ -9,7 +10,9 @@ import (
 )
 
 // fabric returns a verbstest.Fabric of two soft devices over one transport:
-// "inproc", "tcp" (127.0.0.x loopback) or "unix".
+// "inproc", "tcp" (127.0.0.x loopback), "unix", or "handed" (a unix
+// listener bound here and handed over in Options.Listener, as a parent
+// process hands one to a worker).
 func fabric(transport string, o Options) verbstest.Fabric {
 	return func(t testing.TB) (verbstest.Side, verbstest.Side) {
 		t.Helper()
@@ -26,6 +29,12 @@ func fabric(transport string, o Options) verbstest.Fabric {
 				opts.Listen = Endpoint{Net: "tcp", Addr: loop + ":0"}
 			case "unix":
 				opts.Listen = Endpoint{Net: "unix", Addr: filepath.Join(t.TempDir(), name+".sock")}
+			case "handed":
+				ln, err := net.Listen("unix", filepath.Join(t.TempDir(), name+".sock"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				opts.Listener = ln
 			}
 			d, err := Open(opts)
 			if err != nil {
@@ -48,7 +57,7 @@ func fabric(transport string, o Options) verbstest.Fabric {
 }
 
 func TestConformance(t *testing.T) {
-	for _, tr := range []string{"inproc", "tcp", "unix"} {
+	for _, tr := range []string{"inproc", "tcp", "unix", "handed"} {
 		t.Run(tr, func(t *testing.T) {
 			defer checkLeaks(t)()
 			verbstest.Run(t, fabric(tr, Options{}), verbstest.Config{})
@@ -72,3 +81,23 @@ func TestConformanceTwoHalves(t *testing.T) {
 	t.Run("active", func(t *testing.T) { verbstest.RunActive(t, active, passive.Addr, cfg) })
 	<-done
 }
+
+// A handed-over listener must be a stream transport the table can name.
+func TestHandedListenerKind(t *testing.T) {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	if d, err := Open(Options{Name: "x", Listener: packetListener{pc}}); err == nil {
+		d.Close()
+		t.Fatal("Open accepted a udp listener")
+	}
+}
+
+// packetListener dresses a packet socket as a listener (its Addr says udp).
+type packetListener struct{ pc net.PacketConn }
+
+func (l packetListener) Accept() (net.Conn, error) { return nil, net.ErrClosed }
+func (l packetListener) Close() error              { return l.pc.Close() }
+func (l packetListener) Addr() net.Addr            { return l.pc.LocalAddr() }

@@ -81,6 +81,10 @@ type Options struct {
 	// Listen is a "tcp" or "unix" endpoint to serve; port 0 picks one (see
 	// Device.Endpoint).
 	Listen Endpoint
+	// Listener, when set, is served instead of Listen: a "tcp" or "unix"
+	// listener already bound (say, by a parent process that owns the
+	// socket's path). Once Open succeeds the device owns it and closes it.
+	Listener net.Listener
 
 	MaxMsgSize        uint64        // largest message; default 1 GiB, at most 2 GiB
 	AckTimeout        time.Duration // no answer for this long fails outstanding work (RETRY_EXC_ERR)
@@ -190,7 +194,7 @@ func Open(o Options) (*Device, error) {
 	h := fnv.New64a()
 	h.Write([]byte(o.Name))
 	transport := "soft-inproc"
-	if !o.Listen.IsZero() {
+	if !o.Listen.IsZero() || o.Listener != nil {
 		transport = "soft-stream"
 	}
 	d.info = verbs.DeviceInfo{Name: o.Name, Provider: "soft", GUID: h.Sum64(), Transport: transport, Attr: d.attr}
@@ -199,7 +203,17 @@ func Open(o Options) (*Device, error) {
 			return nil, err
 		}
 	}
-	if !o.Listen.IsZero() {
+	if o.Listener != nil {
+		a := o.Listener.Addr()
+		if n := a.Network(); n != "tcp" && n != "unix" {
+			d.detach()
+			return nil, fmt.Errorf("%w: a %s listener", verbs.ErrInvalid, n)
+		}
+		d.ln = o.Listener
+		d.endpoint = Endpoint{Net: a.Network(), Addr: a.String()}
+		d.wg.Add(1)
+		go d.acceptLoop()
+	} else if !o.Listen.IsZero() {
 		if err := o.Listen.validate(); err != nil || o.Listen.Net == "inproc" {
 			d.detach()
 			return nil, fmt.Errorf("%w: listen endpoint %v", verbs.ErrInvalid, o.Listen)
