@@ -21,7 +21,9 @@
 //   - The session (session.go): one per front-end connection, with its
 //     guestmem.Memory, its rings and its Device.
 //   - The server (server.go): listens on a Unix socket, serves many
-//     front-ends at once, counts, and exposes Trace and Record hooks.
+//     front-ends at once, or one at a time (Exclusive: a newcomer waits a
+//     bounded time for the served one to end, then is refused), counts,
+//     and exposes Trace and Record hooks.
 //
 // # Ring life cycle
 //

@@ -27,6 +27,13 @@ type Server struct {
 	// Record, if set, is called for every message received, before it is
 	// validated, with the raw payload (valid only during the call).
 	Record func(Message)
+	// Exclusive, when positive, makes Serve serve one front-end at a
+	// time: one that connects while another is served waits up to this
+	// long for that session to end (a restarted QEMU racing its
+	// predecessor's teardown), then is refused and closed. Whoever can
+	// connect to the socket could otherwise take the device from the
+	// live front-end. ServeConn is not affected.
+	Exclusive time.Duration
 
 	mu        sync.Mutex
 	closed    bool
@@ -48,6 +55,7 @@ const (
 	EventRingStart                   // a ring started running
 	EventRingStop                    // a ring was stopped by the front-end or at disconnect
 	EventRingBroken                  // a ring broke (Err: *RingError)
+	EventRefused                     // a front-end was refused: another is served (Server.Exclusive)
 )
 
 func (k EventKind) String() string {
@@ -64,6 +72,8 @@ func (k EventKind) String() string {
 		return "ring-stop"
 	case EventRingBroken:
 		return "ring-broken"
+	case EventRefused:
+		return "refused"
 	}
 	return fmt.Sprintf("event-%d", uint8(k))
 }
@@ -110,6 +120,7 @@ const (
 	cKicks
 	cConnections
 	cDisconnects
+	cRefused
 	numCounters
 )
 
@@ -134,6 +145,7 @@ type Stats struct {
 	Kicks        uint64 // kicks received on running rings
 	Connections  uint64 // server only: front-ends served
 	Disconnects  uint64 // server only: sessions ended
+	Refused      uint64 // server only: front-ends refused (Exclusive)
 }
 
 // Total returns the number of messages received.
@@ -157,6 +169,7 @@ func (c *counters) snapshot() Stats {
 	s.Kicks = c.n[cKicks].Load()
 	s.Connections = c.n[cConnections].Load()
 	s.Disconnects = c.n[cDisconnects].Load()
+	s.Refused = c.n[cRefused].Load()
 	return s
 }
 
@@ -246,11 +259,38 @@ func (srv *Server) Serve(l net.Listener) error {
 			c.Close()
 			continue
 		}
+		if srv.Exclusive > 0 && !srv.waitIdle(srv.Exclusive) {
+			srv.stats.n[cRefused].Add(1)
+			srv.trace(Event{Kind: EventRefused, Queue: -1, Err: errBusy})
+			uc.Close() // after the count: the front-end sees its refusal as EOF
+			continue
+		}
 		s, err := srv.register(uc)
 		if err != nil {
 			return err
 		}
 		go srv.run(s)
+	}
+}
+
+// errBusy is why an Exclusive server refused a front-end.
+var errBusy = errors.New("vhost: another front-end is being served")
+
+// waitIdle waits up to d for the server to serve no session and reports
+// whether it does. Only the accept loop registers sessions on an
+// Exclusive server's listeners, so idle stays true until it registers.
+func (srv *Server) waitIdle(d time.Duration) bool {
+	for end := time.Now().Add(d); ; {
+		srv.mu.Lock()
+		idle := len(srv.sessions) == 0 || srv.closed
+		srv.mu.Unlock()
+		if idle {
+			return true
+		}
+		if time.Now().After(end) {
+			return false
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 

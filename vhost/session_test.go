@@ -7,6 +7,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -921,5 +922,71 @@ func TestSaturatedEventFDs(t *testing.T) {
 	}
 	if st := e.srv.Stats(); st.RingsBroken != 1 || st.RingsStopped != st.RingsStarted {
 		t.Fatalf("stats %+v", st)
+	}
+}
+
+// An Exclusive server serves one front-end at a time: a second one, while
+// the first is served, waits its bound and is refused (closed, counted,
+// traced) without disturbing the first; a front-end that connects right
+// after the first hung up waits for that session's end and is served.
+func TestExclusive(t *testing.T) {
+	vhosttest.CheckLeaks(t)
+	var mu sync.Mutex
+	var refused int
+	srv := &vhost.Server{NewDevice: echo.Factory(echo.Options{}, nil), Exclusive: 300 * time.Millisecond,
+		Trace: func(e vhost.Event) {
+			if e.Kind == vhost.EventRefused {
+				mu.Lock()
+				refused++
+				mu.Unlock()
+			}
+		}}
+	path := t.TempDir() + "/x.sock"
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	first, err := vhosttest.Dial(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := first.GetFeatures(); err != nil {
+		t.Fatal(err)
+	}
+	second, err := vhosttest.Dial(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := second.GetFeatures(); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("a second front-end beside the first: %v, want it refused (closed)", err)
+	}
+	second.Close()
+	if _, err := first.GetFeatures(); err != nil {
+		t.Fatalf("the first front-end after the refusal: %v", err)
+	}
+	mu.Lock()
+	n := refused
+	mu.Unlock()
+	if st := srv.Stats(); st.Refused != 1 || n != 1 || st.Connections != 1 {
+		t.Fatalf("stats %+v, refused events %d; want one refusal, one connection", st, n)
+	}
+	// The first hangs up; the next connects at once and is served.
+	first.Close()
+	third, err := vhosttest.Dial(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer third.Close()
+	if _, err := third.GetFeatures(); err != nil {
+		t.Fatalf("the front-end after the first hung up: %v", err)
+	}
+	if st := srv.Stats(); st.Refused != 1 || st.Connections != 2 {
+		t.Fatalf("stats %+v; want the third served", st)
+	}
+	srv.Close()
+	if err := <-served; !errors.Is(err, vhost.ErrClosed) {
+		t.Fatalf("Serve returned %v", err)
 	}
 }

@@ -357,7 +357,8 @@ func (d *Daemon) startVM(vc VMConfig, addr netip.Addr) (*VM, error) {
 			v.Back.SetDevice(deviceAdapter{dev, reg})
 			return dev, nil
 		},
-		Trace: v.trace(limit, "vsock"),
+		Trace:     v.trace(limit, "vsock"),
+		Exclusive: frontEndWait,
 	}
 	gid, err := socketGroup(vc.SocketGroup)
 	if err != nil {
@@ -376,19 +377,23 @@ func (d *Daemon) startVM(vc VMConfig, addr netip.Addr) (*VM, error) {
 	}()
 	if vc.FSSocket != "" {
 		fsln, err := d.listen(vc.FSSocket, gid)
-		if err == nil {
-			v.serveFS(vc.FSSocket, fsln, limit)
-		}
 		if err != nil {
 			v.srv.Close()
 			st.Close()
 			return nil, err
 		}
+		v.serveFS(vc.FSSocket, fsln, limit)
 	}
 	v.log.WithFields(logrus.Fields{"socket": vc.Socket, "fs_socket": vc.FSSocket, "addr": addr,
 		"policy": strings.TrimSpace(pol.String())}).Info("serving vm")
 	return v, nil
 }
+
+// frontEndWait is how long a VM's vhost-user socket lets a new front-end
+// wait for the served one to end before refusing it: one QEMU per VM, and
+// whoever else can connect (a socket_group shared by every VM's QEMU, a
+// worker sharing vsdpd's uid) must not take a live VM's devices.
+const frontEndWait = 5 * time.Second
 
 // serveFS serves the VM's socket filesystem on a vhost-user-fs socket.
 // Each front-end gets a fresh filesystem; a ring stop or device reset ends
@@ -414,7 +419,8 @@ func (v *VM) serveFS(path string, ln net.Listener, limit *limiter) {
 			}
 			return dev, nil
 		},
-		Trace: v.trace(limit, "fs"),
+		Trace:     v.trace(limit, "fs"),
+		Exclusive: frontEndWait,
 	}
 	go func() {
 		if err := v.fsSrv.Serve(ln); err != nil && !errors.Is(err, vhost.ErrClosed) {
@@ -444,7 +450,7 @@ func (v *VM) trace(limit *limiter, dev string) func(vhost.Event) {
 		switch e.Kind {
 		case vhost.EventConnect, vhost.EventDisconnect, vhost.EventRingStart, vhost.EventRingStop:
 			l.Info(e.String())
-		case vhost.EventRingBroken:
+		case vhost.EventRingBroken, vhost.EventRefused:
 			if limit.allow() {
 				l.Warn(e.String())
 			}

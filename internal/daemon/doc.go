@@ -95,8 +95,9 @@
 // shares the address space with every VM. A confined worker (see
 // Confinement) can no longer open files, signal or trace other processes
 // or create processes; one that shares vsdpd's uid can still connect to
-// another VM's vhost-user sockets by path (a new front-end replaces that
-// VM's). A VM with a uid of its own (VMConfig.UID) closes that: the
+// another VM's vhost-user sockets by path, though not take them from a
+// QEMU being served (frontEndWait: one front-end at a time), only while
+// none is. A VM with a uid of its own (VMConfig.UID) closes that: the
 // supervisor creates the worker's vhost-user sockets and unix fabric
 // endpoint (handOver), passes them as descriptors from firstHandedFD on
 // (workerConfig.Handed), and starts the worker as the uid with

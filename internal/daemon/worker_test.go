@@ -255,6 +255,17 @@ func TestWorkerProcesses(t *testing.T) {
 
 	ga := attachGuest(t, cfg.VMs[0].Socket, 20)
 	gb := attachGuest(t, cfg.VMs[1].Socket, 21)
+	// A second front-end on a served VM's socket is refused (after the
+	// daemon's wait for the first to end), and the first keeps its device.
+	intruder, err := vhosttest.Dial(cfg.VMs[1].Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	intruder.Timeout = 30 * time.Second // beyond the daemon's wait
+	if _, err := intruder.GetFeatures(); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("a second front-end beside the VM's: %v, want it refused (closed)", err)
+	}
+	intruder.Close()
 	ga.fetch(t, 1, "10.60.0.1:8080", sum)
 	gb.fetch(t, 1, "10.60.0.1:8080", sum)
 
