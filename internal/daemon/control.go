@@ -366,7 +366,6 @@ func listenControl(s *Supervisor, path string) (*controlServer, error) {
 			c.Close()
 			return nil, fmt.Errorf("%s: another process serves it", path)
 		}
-		os.Remove(path)
 	}
 	ln, err := listenUnix(path, -1)
 	if err != nil {

@@ -438,7 +438,6 @@ func (d *Daemon) listen(path string, gid int) (net.Listener, error) {
 		delete(d.handed, path)
 		return ln, nil
 	}
-	os.Remove(path)
 	return listenUnix(path, gid)
 }
 

@@ -98,11 +98,12 @@
 // another VM's vhost-user sockets by path, though not take them from a
 // QEMU being served (frontEndWait: one front-end at a time), only while
 // none is. A VM with a uid of its own (VMConfig.UID) closes that: the
-// supervisor creates the worker's vhost-user sockets and unix fabric
-// endpoint (handOver), passes them as descriptors from firstHandedFD on
+// supervisor creates the worker's vhost-user sockets (handOver; they stay
+// vsdpd's), passes them as descriptors from firstHandedFD on
 // (workerConfig.Handed), and starts the worker as the uid with
-// Config.WorkerGroup as its only group; the sockets stay vsdpd's, the
-// fabric endpoints are 0660 for the group.
+// Config.WorkerGroup as its only group. With a worker group, every
+// worker's unix fabric endpoint is created and handed over the same way,
+// 0660 for the group, so workers under any uid reach each other.
 //
 // # Concurrency
 //

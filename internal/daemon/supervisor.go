@@ -447,10 +447,11 @@ func (s *Supervisor) shareEndpoint(path string) error {
 	return os.Chmod(path, 0o660)
 }
 
-// handOver creates the listeners of a worker that runs under a uid of its
-// own (its vhost-user sockets and its unix fabric endpoint, owned by
-// vsdpd's user) as files to pass to it, with the names the worker config
-// gives them. The caller closes the files once the worker has started.
+// handOver creates a worker's listeners as files to pass to it, with the
+// names the worker config gives them: its vhost-user sockets when it runs
+// under a uid of its own (they stay vsdpd's), and its unix fabric endpoint
+// when there is a worker group (0660 for the group, so workers under other
+// uids reach it). The caller closes the files once the worker started.
 func (s *Supervisor) handOver(w *worker) (files []*os.File, names map[string]int, err error) {
 	names = map[string]int{}
 	defer func() {
@@ -480,10 +481,9 @@ func (s *Supervisor) handOver(w *worker) (files []*os.File, names map[string]int
 		return nil, nil, err
 	}
 	for _, p := range []struct{ name, path string }{{"socket", w.vm.Socket}, {"fs_socket", w.vm.FSSocket}} {
-		if p.path == "" {
+		if p.path == "" || w.vm.UID == 0 {
 			continue
 		}
-		os.Remove(p.path)
 		ln, err := listenUnix(p.path, gid)
 		if err != nil {
 			return nil, nil, err
@@ -492,7 +492,7 @@ func (s *Supervisor) handOver(w *worker) (files []*os.File, names map[string]int
 			return nil, nil, err
 		}
 	}
-	if p, ok := unixPath(w.listen); ok {
+	if p, ok := unixPath(w.listen); ok && s.fabricGID >= 0 {
 		os.Remove(p)
 		ln, err := net.Listen("unix", p)
 		if err != nil {
@@ -562,7 +562,7 @@ func (w *worker) start() (*exec.Cmd, net.Conn, error) {
 	wc := workerConfig{Provider: s.cfg.Provider, Sandbox: s.cfg.Sandbox != "off", VM: w.vm, Listen: w.listen, Table: maps.Clone(s.tab), LogLevel: s.opts.LogLevel, Stats: s.opts.Stats}
 	s.mu.Unlock()
 	var handed []*os.File
-	if w.vm.UID != 0 {
+	if w.vm.UID != 0 || s.fabricGID >= 0 {
 		var err error
 		if handed, wc.Handed, err = s.handOver(w); err != nil {
 			return nil, nil, fmt.Errorf("%w: sockets: %w", ErrWorker, err)

@@ -3,6 +3,7 @@ package daemon_test
 import (
 	"bytes"
 	"errors"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -44,15 +45,19 @@ func TestWorkerUIDs(t *testing.T) {
 			{Name: "a", Socket: filepath.Join(dir, "a.sock"), CID: 30, Addr: "10.62.0.30", UID: uidA,
 				Policy: []string{"sdp 10.62.0.1:8080"}},
 			{Name: "b", Socket: filepath.Join(dir, "b.sock"), FSSocket: filepath.Join(dir, "b-fs.sock"), CID: 31, Addr: "10.62.0.31", UID: uidB,
-				Policy: []string{"sdp 10.62.0.1:8080"}},
+				Policy: []string{"sdp 10.62.0.1:8080", "sdp 10.62.0.32:9000"}},
+			// c keeps vsdpd's uid; its fabric endpoint is the group's too.
+			{Name: "c", Socket: filepath.Join(dir, "c.sock"), CID: 32, Addr: "10.62.0.32"},
 		},
 	}
 	run := runVsdpd(t, bin, dir, cfg)
 	pidA := waitPID(t, filepath.Join(dir, "a.pid"), 0)
 	pidB := waitPID(t, filepath.Join(dir, "b.pid"), 0)
-	run.pids = append(run.pids, pidA, pidB)
+	pidC := waitPID(t, filepath.Join(dir, "c.pid"), 0)
+	run.pids = append(run.pids, pidA, pidB, pidC)
 	checkIDs(t, pidA, uidA, group)
 	checkIDs(t, pidB, uidB, group)
+	checkIDs(t, pidC, 0, 0)
 	checkConfined(t, pidA, true)
 
 	// The sockets are vsdpd's (root's), the fabric endpoints the group's.
@@ -61,7 +66,8 @@ func TestWorkerUIDs(t *testing.T) {
 		gid  int
 		mode os.FileMode
 	}{{"a.sock", 0, 0o600}, {"b.sock", 0, 0o600}, {"b-fs.sock", 0, 0o600}, {"vsdpd.ctl", 0, 0o600},
-		{"a.fabric", group, 0o660}, {"b.fabric", group, 0o660}, {"vsdpd.fabric", group, 0o660}} {
+		{"c.sock", 0, 0o600}, {"a.fabric", group, 0o660}, {"b.fabric", group, 0o660}, {"c.fabric", group, 0o660},
+		{"vsdpd.fabric", group, 0o660}} {
 		var st unix.Stat_t
 		if err := unix.Stat(filepath.Join(dir, f.name), &st); err != nil {
 			t.Fatal(err)
@@ -74,7 +80,8 @@ func TestWorkerUIDs(t *testing.T) {
 	for _, c := range []struct {
 		name string
 		want error
-	}{{"a.sock", unix.EACCES}, {"vsdpd.ctl", unix.EACCES}, {"a.fabric", nil}, {"vsdpd.fabric", nil}} {
+	}{{"a.sock", unix.EACCES}, {"c.sock", unix.EACCES}, {"vsdpd.ctl", unix.EACCES}, {"a.fabric", nil},
+		{"c.fabric", nil}, {"vsdpd.fabric", nil}} {
 		if err := connectAs(uidB, group, filepath.Join(dir, c.name)); !errors.Is(err, c.want) && err != c.want {
 			t.Errorf("connect to %s as b's uid: %v, want %v", c.name, err, c.want)
 		}
@@ -84,6 +91,9 @@ func TestWorkerUIDs(t *testing.T) {
 	gb := attachGuest(t, cfg.VMs[1].Socket, 31)
 	ga.fetch(t, 1, "10.62.0.1:8080", sum)
 	gb.fetch(t, 1, "10.62.0.1:8080", sum)
+	// From a worker under a uid to one under vsdpd's, over the fabric.
+	gc := attachGuest(t, cfg.VMs[2].Socket, 32)
+	simStream(t, gb, gc, netip.MustParseAddr("10.62.0.31"), netip.MustParseAddrPort("10.62.0.32:9000"))
 
 	// A killed worker comes back under its uid, with fresh sockets.
 	if err := syscall.Kill(pidA, syscall.SIGKILL); err != nil {
@@ -98,7 +108,7 @@ func TestWorkerUIDs(t *testing.T) {
 	if err := run.stop(10 * time.Second); err != nil {
 		t.Fatalf("vsdpd on SIGTERM: %v", err)
 	}
-	for _, f := range []string{"a.sock", "b.sock", "b-fs.sock", "a.fabric", "b.fabric", "vsdpd.fabric", "vsdpd.ctl"} {
+	for _, f := range []string{"a.sock", "b.sock", "b-fs.sock", "c.sock", "a.fabric", "b.fabric", "c.fabric", "vsdpd.fabric", "vsdpd.ctl"} {
 		if _, err := os.Stat(filepath.Join(dir, f)); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("%s left behind (%v)", f, err)
 		}

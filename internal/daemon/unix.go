@@ -30,6 +30,7 @@ func socketGroup(g string) (int, error) {
 // right after bind, and the directory (RuntimeDirectoryMode 0750 in
 // deploy/) closes that window.
 func listenUnix(path string, gid int) (net.Listener, error) {
+	os.Remove(path) // a stale socket from an earlier run; callers checked what it is
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		return nil, err
