@@ -13,16 +13,23 @@
 //     exec, creating processes (threads stay allowed), ptrace and
 //     cross-process memory access, signals to any process but itself,
 //     path-based changes to the filesystem (unlink, rename, link, mkdir,
-//     chmod, chown, mknod) and the kernel's administrative calls (mount,
-//     namespaces, modules, bpf, perf, keys, kexec, reboot), and ENOSYS to
-//     clone3 (so a C library falls back to clone, whose flags the filter
-//     can read). A system call of another architecture's ABI (x32, or a
-//     32-bit entry on a 64-bit kernel) kills the process.
+//     chmod, chown, mknod), bind and listen (no new listeners, no socket
+//     files), changes of identity (set*id, setgroups, capset), sockets
+//     other than Unix and IP or raw and packet ones, ioctl requests other
+//     than a few descriptor and terminal queries (a worker left as root
+//     keeps its capabilities: CAP_NET_ADMIN works through any socket's
+//     ioctl), the clock, host and domain names, and the kernel's
+//     administrative calls (mount, namespaces, modules, bpf, perf, keys,
+//     kexec, reboot, syslog, accounting, quotas), and ENOSYS to clone3 (so
+//     a C library falls back to clone, whose flags the filter can read). A
+//     system call of another architecture's ABI (x32, or a 32-bit entry on
+//     a 64-bit kernel) kills the process.
 //
 // What stays allowed is what a worker does while serving: I/O on its
-// descriptors, sockets (connect included: the fabric's endpoints and host
-// TCP are sockets), mmap of the memory QEMU hands over, futexes, timers,
-// and the Go runtime's signals to its own threads.
+// descriptors, accepting on listeners it already has, new Unix and IP
+// sockets and connect (the fabric's endpoints and host TCP), mmap of the
+// memory QEMU hands over, futexes, timers, and the Go runtime's signals to
+// its own threads.
 //
 // Not covered, and said so in the README: connect to a Unix socket by path
 // cannot be told apart by seccomp (the path is behind a pointer), so the

@@ -64,6 +64,7 @@ func Filter(self int) []unix.SockFilter {
 		jeq   = unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K
 		jge   = unix.BPF_JMP | unix.BPF_JGE | unix.BPF_K
 		jset  = unix.BPF_JMP | unix.BPF_JSET | unix.BPF_K
+		and   = unix.BPF_ALU | unix.BPF_AND | unix.BPF_K
 		ret   = unix.BPF_RET | unix.BPF_K
 		allow = unix.SECCOMP_RET_ALLOW
 		eperm = unix.SECCOMP_RET_ERRNO | uint32(unix.EPERM)
@@ -101,9 +102,47 @@ func Filter(self int) []unix.SockFilter {
 		stmt(ret, allow)
 		stmt(ret, eperm)
 	}
+	// socket: Unix and IP families only, and no raw or packet sockets (a
+	// worker left as root still holds CAP_NET_RAW).
+	jump(jeq, uint32(unix.SYS_SOCKET), 0, 11)
+	stmt(ld, offArg0)
+	jump(jeq, unix.AF_UNIX, 3, 0)
+	jump(jeq, unix.AF_INET, 2, 0)
+	jump(jeq, unix.AF_INET6, 1, 0)
+	stmt(ret, eperm)
+	stmt(ld, offArg0+8)
+	stmt(and, 0xf) // the type without SOCK_NONBLOCK and SOCK_CLOEXEC
+	jump(jeq, unix.SOCK_RAW, 1, 0)
+	jump(jeq, unix.SOCK_PACKET, 0, 1)
+	stmt(ret, eperm)
+	stmt(ret, allow)
+	// ioctl: only the requests a worker's descriptors need (and CAP_NET_ADMIN
+	// would otherwise let a root worker reconfigure the host's network
+	// through any socket).
+	n := len(ioctlAllowed)
+	jump(jeq, uint32(unix.SYS_IOCTL), 0, uint8(n+3))
+	stmt(ld, offArg0+8)
+	for i, req := range ioctlAllowed {
+		jump(jeq, req, uint8(n-i), 0)
+	}
+	stmt(ret, eperm)
+	stmt(ret, allow)
 	stmt(ret, allow)
 	return p
 }
+
+// ioctlAllowed are the ioctl requests the filter lets through: descriptor
+// flags, bytes readable, and the terminal queries a logger makes.
+var ioctlAllowed = []uint32{ioFIOCLEX, ioFIONCLEX, ioFIONBIO, ioFIONREAD, unix.TCGETS, unix.TIOCGWINSZ}
+
+// The asm-generic numbers of descriptor ioctls (amd64 and arm64 share
+// them; golang.org/x/sys does not name them all).
+const (
+	ioFIONREAD = 0x541B
+	ioFIONBIO  = 0x5421
+	ioFIONCLEX = 0x5450
+	ioFIOCLEX  = 0x5451
+)
 
 // deniedCommon are the calls answered EPERM on every architecture.
 var deniedCommon = []uintptr{
@@ -116,13 +155,21 @@ var deniedCommon = []uintptr{
 	unix.SYS_PROCESS_VM_WRITEV, unix.SYS_PIDFD_OPEN, unix.SYS_PIDFD_GETFD, unix.SYS_PIDFD_SEND_SIGNAL,
 	unix.SYS_TKILL, unix.SYS_RT_SIGQUEUEINFO, unix.SYS_RT_TGSIGQUEUEINFO, unix.SYS_KCMP,
 	unix.SYS_SETNS, unix.SYS_UNSHARE,
+	// new listening sockets and socket files (a bind to a path creates
+	// one), and changes of identity
+	unix.SYS_BIND, unix.SYS_LISTEN, unix.SYS_SETUID, unix.SYS_SETGID, unix.SYS_SETREUID,
+	unix.SYS_SETREGID, unix.SYS_SETRESUID, unix.SYS_SETRESGID, unix.SYS_SETFSUID, unix.SYS_SETFSGID,
+	unix.SYS_SETGROUPS, unix.SYS_CAPSET,
 	// the kernel's administration
 	unix.SYS_MOUNT, unix.SYS_UMOUNT2, unix.SYS_PIVOT_ROOT, unix.SYS_CHROOT, unix.SYS_SWAPON,
 	unix.SYS_SWAPOFF, unix.SYS_REBOOT, unix.SYS_KEXEC_LOAD, unix.SYS_INIT_MODULE,
 	unix.SYS_FINIT_MODULE, unix.SYS_DELETE_MODULE, unix.SYS_BPF, unix.SYS_PERF_EVENT_OPEN,
 	unix.SYS_ADD_KEY, unix.SYS_REQUEST_KEY, unix.SYS_KEYCTL, unix.SYS_USERFAULTFD,
 	unix.SYS_FANOTIFY_INIT, unix.SYS_OPEN_TREE, unix.SYS_MOVE_MOUNT, unix.SYS_FSOPEN,
-	unix.SYS_FSMOUNT, unix.SYS_FSPICK, unix.SYS_MOUNT_SETATTR,
+	unix.SYS_FSMOUNT, unix.SYS_FSPICK, unix.SYS_MOUNT_SETATTR, unix.SYS_SETHOSTNAME,
+	unix.SYS_SETDOMAINNAME, unix.SYS_SETTIMEOFDAY, unix.SYS_CLOCK_SETTIME, unix.SYS_CLOCK_ADJTIME,
+	unix.SYS_ADJTIMEX, unix.SYS_SYSLOG, unix.SYS_ACCT, unix.SYS_QUOTACTL, unix.SYS_MIGRATE_PAGES,
+	unix.SYS_MOVE_PAGES, unix.SYS_VHANGUP,
 }
 
 // denied is every call the filter answers EPERM.

@@ -84,6 +84,25 @@ func child(sock string) int {
 	_, err = unix.PidfdOpen(ppid, 0)
 	refused("pidfd_open", err, unix.EPERM)
 	refused("unshare", unix.Unshare(unix.CLONE_NEWNET), unix.EPERM)
+	_, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, 0)
+	refused("packet socket", err, unix.EPERM)
+	_, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_ICMP)
+	refused("raw socket", err, unix.EPERM)
+	_, err = net.Listen("tcp", "127.0.0.1:0")
+	refused("a new listener", err, unix.EPERM)
+	_, err = net.Listen("unix", sock+".new")
+	refused("a socket file", err, unix.EPERM)
+	refused("setuid", unix.Setresuid(-1, 65534, -1), unix.EPERM)
+	if fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
+		fail("udp socket: %v", err)
+	} else {
+		_, err := unix.IoctlGetInt(fd, unix.SIOCGIFINDEX) // any request not on the list
+		refused("ioctl SIOCGIFINDEX", err, unix.EPERM)
+		if _, err := unix.IoctlGetInt(fd, ioFIONREAD); err != nil {
+			fail("ioctl FIONREAD: %v", err)
+		}
+		unix.Close(fd)
+	}
 	_, _, e := unix.RawSyscall(unix.SYS_CLONE3, 0, 0, 0)
 	refused("clone3", e, unix.ENOSYS)
 	if d, err := unix.PrctlRetInt(unix.PR_GET_DUMPABLE, 0, 0, 0, 0); err != nil || d != 0 {
@@ -263,6 +282,8 @@ func runBPF(t *testing.T, prog []unix.SockFilter, data []byte) uint32 {
 			pc += int(map[bool]uint8{true: in.Jt, false: in.Jf}[a >= in.K])
 		case unix.BPF_JMP | unix.BPF_JSET | unix.BPF_K:
 			pc += int(map[bool]uint8{true: in.Jt, false: in.Jf}[a&in.K != 0])
+		case unix.BPF_ALU | unix.BPF_AND | unix.BPF_K:
+			a &= in.K
 		case unix.BPF_RET | unix.BPF_K:
 			return in.K
 		default:
@@ -273,11 +294,13 @@ func runBPF(t *testing.T, prog []unix.SockFilter, data []byte) uint32 {
 	return 0
 }
 
-func seccompData(nr int, arch uint32, arg0 uint64) []byte {
+func seccompData(nr int, arch uint32, args ...uint64) []byte {
 	b := make([]byte, 64)
 	binary.LittleEndian.PutUint32(b[0:], uint32(nr))
 	binary.LittleEndian.PutUint32(b[4:], arch)
-	binary.LittleEndian.PutUint64(b[16:], arg0)
+	for i, a := range args {
+		binary.LittleEndian.PutUint64(b[16+8*i:], a)
+	}
 	return b
 }
 
@@ -302,36 +325,50 @@ func TestFilterProgram(t *testing.T) {
 		arch uint32
 		arg0 uint64
 		want uint32
+		arg1 uint64
 	}
 	cases := []tc{
-		{"read", unix.SYS_READ, auditArch, 0, allow},
-		{"connect", unix.SYS_CONNECT, auditArch, 0, allow},
-		{"mmap", unix.SYS_MMAP, auditArch, 0, allow},
-		{"close", unix.SYS_CLOSE, auditArch, 0, allow},
-		{"clone a thread", unix.SYS_CLONE, auditArch, unix.CLONE_VM | unix.CLONE_THREAD | unix.CLONE_SIGHAND, allow},
-		{"clone a process", unix.SYS_CLONE, auditArch, unix.CLONE_VM | unix.CLONE_VFORK | uint64(unix.SIGCHLD), eperm},
-		{"clone3", unix.SYS_CLONE3, auditArch, 0, nosys},
-		{"kill self", unix.SYS_KILL, auditArch, self, allow},
-		{"kill other", unix.SYS_KILL, auditArch, 1, eperm},
-		{"kill group", unix.SYS_KILL, auditArch, 0, eperm},
-		{"kill all", unix.SYS_KILL, auditArch, uint64(0xffffffff), eperm},
-		{"tgkill self", unix.SYS_TGKILL, auditArch, self, allow},
-		{"tgkill other", unix.SYS_TGKILL, auditArch, self + 1, eperm},
-		{"other architecture", unix.SYS_READ, 0x40000003 /* i386 */, 0, kill},
+		{"read", unix.SYS_READ, auditArch, 0, allow, 0},
+		{"connect", unix.SYS_CONNECT, auditArch, 0, allow, 0},
+		{"mmap", unix.SYS_MMAP, auditArch, 0, allow, 0},
+		{"close", unix.SYS_CLOSE, auditArch, 0, allow, 0},
+		{"clone a thread", unix.SYS_CLONE, auditArch, unix.CLONE_VM | unix.CLONE_THREAD | unix.CLONE_SIGHAND, allow, 0},
+		{"clone a process", unix.SYS_CLONE, auditArch, unix.CLONE_VM | unix.CLONE_VFORK | uint64(unix.SIGCHLD), eperm, 0},
+		{"clone3", unix.SYS_CLONE3, auditArch, 0, nosys, 0},
+		{"kill self", unix.SYS_KILL, auditArch, self, allow, 0},
+		{"kill other", unix.SYS_KILL, auditArch, 1, eperm, 0},
+		{"kill group", unix.SYS_KILL, auditArch, 0, eperm, 0},
+		{"kill all", unix.SYS_KILL, auditArch, uint64(0xffffffff), eperm, 0},
+		{"tgkill self", unix.SYS_TGKILL, auditArch, self, allow, 0},
+		{"tgkill other", unix.SYS_TGKILL, auditArch, self + 1, eperm, 0},
+		{"other architecture", unix.SYS_READ, 0x40000003 /* i386 */, 0, kill, 0},
+		{"unix socket", unix.SYS_SOCKET, auditArch, unix.AF_UNIX, allow, unix.SOCK_STREAM | unix.SOCK_CLOEXEC},
+		{"tcp socket", unix.SYS_SOCKET, auditArch, unix.AF_INET, allow, unix.SOCK_STREAM | unix.SOCK_NONBLOCK | unix.SOCK_CLOEXEC},
+		{"udp6 socket", unix.SYS_SOCKET, auditArch, unix.AF_INET6, allow, unix.SOCK_DGRAM},
+		{"raw ip socket", unix.SYS_SOCKET, auditArch, unix.AF_INET, eperm, unix.SOCK_RAW | unix.SOCK_CLOEXEC},
+		{"packet-type ip socket", unix.SYS_SOCKET, auditArch, unix.AF_INET, eperm, unix.SOCK_PACKET},
+		{"packet socket", unix.SYS_SOCKET, auditArch, unix.AF_PACKET, eperm, unix.SOCK_DGRAM},
+		{"netlink socket", unix.SYS_SOCKET, auditArch, unix.AF_NETLINK, eperm, unix.SOCK_RAW},
+		{"ioctl SIOCSIFFLAGS", unix.SYS_IOCTL, auditArch, 3, eperm, unix.SIOCSIFFLAGS},
+		{"ioctl TIOCSTI", unix.SYS_IOCTL, auditArch, 2, eperm, unix.TIOCSTI},
+	}
+	for _, req := range ioctlAllowed {
+		cases = append(cases, tc{fmt.Sprintf("ioctl %#x", req), unix.SYS_IOCTL, auditArch, 1, allow, uint64(req)})
 	}
 	if x32Bit != 0 {
-		cases = append(cases, tc{"x32 read", x32Bit | unix.SYS_READ, auditArch, 0, kill})
+		cases = append(cases, tc{"x32 read", x32Bit | unix.SYS_READ, auditArch, 0, kill, 0})
 	}
 	for _, nr := range denied {
-		cases = append(cases, tc{fmt.Sprintf("denied %d", nr), int(nr), auditArch, 0, eperm})
+		cases = append(cases, tc{fmt.Sprintf("denied %d", nr), int(nr), auditArch, 0, eperm, 0})
 	}
 	for _, c := range cases {
-		if got := runBPF(t, prog, seccompData(c.nr, c.arch, c.arg0)); got != c.want {
+		if got := runBPF(t, prog, seccompData(c.nr, c.arch, c.arg0, c.arg1)); got != c.want {
 			t.Errorf("%s: %#x, want %#x", c.name, got, c.want)
 		}
 	}
 	// No call outside the lists is refused: sweep every number below 512.
-	special := map[int]bool{unix.SYS_CLONE: true, unix.SYS_CLONE3: true, unix.SYS_KILL: true, unix.SYS_TGKILL: true}
+	special := map[int]bool{unix.SYS_CLONE: true, unix.SYS_CLONE3: true, unix.SYS_KILL: true, unix.SYS_TGKILL: true,
+		unix.SYS_SOCKET: true, unix.SYS_IOCTL: true}
 	for _, nr := range denied {
 		special[int(nr)] = true
 	}
