@@ -32,18 +32,16 @@ type workerConfig struct {
 	Table    map[string]string `json:"table"`
 	LogLevel string            `json:"log_level"`
 	Stats    time.Duration     `json:"stats"`
-	// Handed names the listeners the supervisor created for a worker with
-	// a uid of its own, each an inherited descriptor: "socket" and
-	// "fs_socket" (the VM's vhost-user sockets), "listen" (its fabric
-	// endpoint).
+	// Handed names the listeners the supervisor created for the worker,
+	// each an inherited descriptor: "socket" and "fs_socket" (the VM's
+	// vhost-user sockets, for a worker with a uid of its own), "listen"
+	// (its fabric endpoint, when there is a worker group).
 	Handed map[string]int `json:"handed,omitempty"`
 }
 
-// The descriptors a supervisor hands a worker: the pipe, then listeners.
-const (
-	pipeFD        = 3
-	firstHandedFD = 4
-)
+// firstHandedFD is the first handed listener's descriptor (the
+// supervisor's pipe is 3).
+const firstHandedFD = 4
 
 // workerReply is the worker's one answer on the pipe: ready (its sockets
 // exist) or why it could not start.
