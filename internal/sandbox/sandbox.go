@@ -28,7 +28,7 @@ func Worker() error {
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 		return fmt.Errorf("sandbox: PR_SET_NO_NEW_PRIVS: %w", err)
 	}
-	prog := Filter(unix.Getpid())
+	prog := filter(unix.Getpid())
 	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
 	r, _, errno := unix.Syscall(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER,
 		unix.SECCOMP_FILTER_FLAG_TSYNC, uintptr(unsafe.Pointer(&fprog)))
@@ -50,10 +50,9 @@ const (
 	offArg0 = 16 // the low 32 bits on a little-endian machine
 )
 
-// Filter returns the classic-BPF program Worker installs, for a process
-// whose PID is self. (It is exported for the tests, which run it through
-// an interpreter as well as the kernel.)
-func Filter(self int) []unix.SockFilter {
+// filter returns the classic-BPF program Worker installs, for a process
+// whose PID is self (the tests also run it through an interpreter).
+func filter(self int) []unix.SockFilter {
 	var p []unix.SockFilter
 	stmt := func(code uint16, k uint32) { p = append(p, unix.SockFilter{Code: code, K: k}) }
 	jump := func(code uint16, k uint32, jt, jf uint8) {

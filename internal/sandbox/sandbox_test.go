@@ -309,7 +309,7 @@ func TestFilterProgram(t *testing.T) {
 		t.Skipf("no filter for %s", runtime.GOARCH)
 	}
 	const self = 4242
-	prog := Filter(self)
+	prog := filter(self)
 	if len(prog) > 4096 { // BPF_MAXINSNS
 		t.Fatalf("%d instructions: over the kernel's limit", len(prog))
 	}
