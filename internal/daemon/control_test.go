@@ -33,18 +33,19 @@ func ctlCall(t *testing.T, path string, req daemon.ControlRequest) *daemon.Contr
 	return r
 }
 
-// streamAcross has src dial dst's fabric port (dst listens on it, its
-// guest on vsock port gport) and sends a blob across; dst checks its hash.
-func streamAcross(t *testing.T, src, dst *simGuest, id uint32, dstAddr string, port uint16, gport uint32) {
+// streamAcross has src (fabric address srcAddr) dial dst's fabric port
+// (dst listens on it, its guest on vsock port gport), checks the bound and
+// peer addresses dst is told, and sends a blob across; dst checks its hash.
+func streamAcross(t *testing.T, src, dst *simGuest, id uint32, srcAddr, dstAddr string, port uint16, gport uint32) {
 	t.Helper()
 	accepted := dst.g.Listen(gport)
+	remote := netip.AddrPortFrom(netip.MustParseAddr(dstAddr), port)
 	dst.gc.send(ctl.Msg{Type: ctl.TypeListen, ID: id, Local: netip.AddrPortFrom(netip.IPv4Unspecified(), port), Backlog: 4, Port: gport})
-	if m := dst.gc.recv(); m.Type != ctl.TypeListenOK {
+	if m := dst.gc.recv(); m.Type != ctl.TypeListenOK || m.Local != remote {
 		t.Fatalf("LISTEN %d: %+v", port, m)
 	}
-	remote := netip.AddrPortFrom(netip.MustParseAddr(dstAddr), port)
 	cs := src.dial(t, id, remote.String())
-	if peer := dst.gc.recv(); peer.Type != ctl.TypePeer || peer.Port != gport {
+	if peer := dst.gc.recv(); peer.Type != ctl.TypePeer || peer.Port != gport || peer.Remote.Addr() != netip.MustParseAddr(srcAddr) {
 		t.Fatalf("PEER: %+v", peer)
 	}
 	var cd *vsocktest.Conn
@@ -53,14 +54,14 @@ func streamAcross(t *testing.T, src, dst *simGuest, id uint32, dstAddr string, p
 	case <-time.After(10 * time.Second):
 		t.Fatalf("no connection reached %s", remote)
 	}
-	msg := bytes.Repeat([]byte("added at run time "), 8192)
+	msg := bytes.Repeat([]byte("from one worker process to another "), 4096)
 	go func() { cs.Write(msg); cs.CloseWrite() }()
 	h := sha256.New()
 	if _, err := io.Copy(h, cd); err != nil {
 		t.Fatal(err)
 	}
 	if [32]byte(h.Sum(nil)) != sha256.Sum256(msg) {
-		t.Fatalf("%s received different bytes", remote)
+		t.Fatalf("%s received different bytes from %s", remote, srcAddr)
 	}
 	cs.Close()
 	cd.Close()
@@ -137,8 +138,8 @@ func TestControlAddRemove(t *testing.T) {
 	}
 	gb := attachGuest(t, vmB.Socket, 21)
 	gb.fetch(t, 1, "10.70.0.1:8080", sum)
-	streamAcross(t, ga, gb, 2, "10.70.0.21", 9000, 7000) // a learned b's address
-	streamAcross(t, gb, ga, 3, "10.70.0.20", 9001, 7001) // b got the whole table
+	streamAcross(t, ga, gb, 2, "10.70.0.20", "10.70.0.21", 9000, 7000) // a learned b's address
+	streamAcross(t, gb, ga, 3, "10.70.0.21", "10.70.0.20", 9001, 7001) // b got the whole table
 
 	out, err = exec.Command(bin, "-ctl", ctlPath, "list").Output()
 	if err != nil {

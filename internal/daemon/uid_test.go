@@ -3,7 +3,6 @@ package daemon_test
 import (
 	"bytes"
 	"errors"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -93,7 +92,7 @@ func TestWorkerUIDs(t *testing.T) {
 	gb.fetch(t, 1, "10.62.0.1:8080", sum)
 	// From a worker under a uid to one under vsdpd's, over the fabric.
 	gc := attachGuest(t, cfg.VMs[2].Socket, 32)
-	simStream(t, gb, gc, netip.MustParseAddr("10.62.0.31"), netip.MustParseAddrPort("10.62.0.32:9000"))
+	streamAcross(t, gb, gc, 2, "10.62.0.31", "10.62.0.32", 9000, 7777)
 
 	// A killed worker comes back under its uid, with fresh sockets.
 	if err := syscall.Kill(pidA, syscall.SIGKILL); err != nil {

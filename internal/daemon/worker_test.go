@@ -270,7 +270,7 @@ func TestWorkerProcesses(t *testing.T) {
 	gb.fetch(t, 1, "10.60.0.1:8080", sum)
 
 	// Guest to guest: b listens on fabric port 9000, a dials it.
-	simStream(t, ga, gb, netip.MustParseAddr("10.60.0.20"), netip.MustParseAddrPort("10.60.0.21:9000"))
+	streamAcross(t, ga, gb, 2, "10.60.0.20", "10.60.0.21", 9000, 7777)
 
 	// A dead worker takes only its VM's devices.
 	if err := syscall.Kill(pidA, syscall.SIGKILL); err != nil {
@@ -353,39 +353,6 @@ func checkConfined(t *testing.T, pid int, want bool) {
 			t.Errorf("worker %d: %q in its status is %v, want %v", pid, strings.TrimSpace(line), got, want)
 		}
 	}
-}
-
-// simStream has simulated guest to listen on dst's port (control ID 2,
-// vsock port 7777) and from dial it (control ID 2), checks the peer's
-// address (fromAddr) and moves 112 KiB across, checked by hash.
-func simStream(t *testing.T, from, to *simGuest, fromAddr netip.Addr, dst netip.AddrPort) {
-	t.Helper()
-	accepted := to.g.Listen(7777)
-	to.gc.send(ctl.Msg{Type: ctl.TypeListen, ID: 2, Local: netip.AddrPortFrom(netip.IPv4Unspecified(), dst.Port()), Backlog: 4, Port: 7777})
-	if m := to.gc.recv(); m.Type != ctl.TypeListenOK || m.Local != dst {
-		t.Fatalf("LISTEN: %+v", m)
-	}
-	ca := from.dial(t, 2, dst.String())
-	if peer := to.gc.recv(); peer.Type != ctl.TypePeer || peer.Port != 7777 || peer.Remote.Addr() != fromAddr {
-		t.Fatalf("PEER: %+v", peer)
-	}
-	var cb *vsocktest.Conn
-	select {
-	case cb = <-accepted:
-	case <-time.After(10 * time.Second):
-		t.Fatalf("no connection reached %v's listener", dst)
-	}
-	msg := bytes.Repeat([]byte("across two worker processes "), 4096)
-	go func() { ca.Write(msg); ca.CloseWrite() }()
-	h := sha256.New()
-	if _, err := io.Copy(h, cb); err != nil {
-		t.Fatal(err)
-	}
-	if [32]byte(h.Sum(nil)) != sha256.Sum256(msg) {
-		t.Fatalf("%v received different bytes from %v", dst, fromAddr)
-	}
-	ca.Close()
-	cb.Close()
 }
 
 // zombie reports whether pid has exited but not been reaped.
