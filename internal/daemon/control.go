@@ -153,6 +153,19 @@ func (s *Supervisor) List() []VMStatus {
 	return out
 }
 
+// lockOpen takes s.mu unless the supervisor is closing; it reports
+// whether it did.
+func (s *Supervisor) lockOpen() bool {
+	s.mu.Lock()
+	select {
+	case <-s.done:
+		s.mu.Unlock()
+		return false
+	default:
+		return true
+	}
+}
+
 // Add validates a VM and starts its worker; it returns once the worker is
 // ready (its sockets exist) or failed (then nothing of it is left). The
 // supervisor, every other worker, and the new one learn its fabric
@@ -160,12 +173,8 @@ func (s *Supervisor) List() []VMStatus {
 func (s *Supervisor) Add(v VMConfig) error {
 	s.opMu.Lock()
 	defer s.opMu.Unlock()
-	s.mu.Lock()
-	select {
-	case <-s.done:
-		s.mu.Unlock()
+	if !s.lockOpen() {
 		return ErrClosed
-	default:
 	}
 	vms := make([]VMConfig, 0, len(s.workers))
 	used := map[string]bool{}
@@ -243,12 +252,8 @@ func (s *Supervisor) forget(w *worker) {
 func (s *Supervisor) Remove(name string) error {
 	s.opMu.Lock()
 	defer s.opMu.Unlock()
-	s.mu.Lock()
-	select {
-	case <-s.done:
-		s.mu.Unlock()
+	if !s.lockOpen() {
 		return ErrClosed
-	default:
 	}
 	i := slices.IndexFunc(s.workers, func(w *worker) bool { return w.vm.Name == name })
 	if i < 0 {
